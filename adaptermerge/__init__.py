@@ -1,0 +1,38 @@
+"""adaptermerge: merge LoRA adapters as adapters — exact, fast, reproducible, without a base model.
+
+    import adaptermerge as am
+    merged = am.merge([am.load_adapter("a/"), am.load_adapter("b/")], method="ties", density=0.5, rank=16)
+    merged.save("merged/")
+    am.ops.ties([t1, t2, t3], weights=[1, 1, 1], density=0.2)   # the operators work on plain tensors too
+"""
+
+__version__ = "0.1.0"
+
+from . import ops  # noqa: E402
+from .adapter import Adapter, LoraModule, load_adapter  # noqa: E402
+from .engine import merge, merge_to  # noqa: E402
+from .errors import (  # noqa: E402
+    AdapterMergeError,
+    IncompatibleInputsError,
+    InputError,
+    OutputError,
+    ParameterError,
+)
+from .registry import METHODS, describe as methods  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "Adapter",
+    "LoraModule",
+    "load_adapter",
+    "merge",
+    "merge_to",
+    "ops",
+    "METHODS",
+    "methods",
+    "AdapterMergeError",
+    "ParameterError",
+    "InputError",
+    "IncompatibleInputsError",
+    "OutputError",
+]

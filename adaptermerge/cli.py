@@ -1,0 +1,368 @@
+"""The ``adaptermerge`` command line: merge, inspect, methods (and plugin commands such as ``weaverec``).
+
+Every error is one line on stderr, ``error: <what, naming the file/tensor/parameter>``, with a documented exit code
+(see :mod:`adaptermerge.errors`): 2 bad parameters, 3 bad input, 4 incompatible inputs, 5 output problems.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+try:  # typer >= 0.16 vendors its own copy of click; its exceptions are the ones raised
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover - older typer on the real click
+    from click import exceptions as click_exc
+from rich.console import Console
+from rich.table import Table
+
+from .errors import AdapterMergeError, InputError, ParameterError
+
+app = typer.Typer(
+    name="adaptermerge",
+    help="Merge LoRA adapters as adapters: exact, fast, reproducible, no base model needed.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+CONFIG_KEYS = {
+    "inputs", "method", "weights", "params", "rank", "seed", "svd", "svd_niter", "svd_oversample", "dtype",
+    "output", "force", "extra_tensors", "allow_nonfinite", "alpha",
+}
+INPUT_KEYS = {"path", "weight", "density", "alpha"}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _floats(text: str, option: str) -> list[float]:
+    vals = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            v = float(part)
+        except ValueError:
+            raise ParameterError(f"{option}: {part!r} is not a number") from None
+        if not math.isfinite(v):
+            raise ParameterError(f"{option}: {part!r} is not a finite number")
+        vals.append(v)
+    return vals
+
+
+def _rank(value: Any) -> int | str | None:
+    if value is None or value == "full":
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int(str(value))
+    except ValueError:
+        raise ParameterError(f"--rank must be a positive integer or 'full', got {value!r}") from None
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a merge config (.yaml/.yml, .toml or .json) into a plain dict and check its keys."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read config: {e.strerror or e}") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise InputError(f"{path}: config must be .yaml, .yml, .toml or .json")
+    except InputError:
+        raise
+    except Exception as e:  # parser errors of three libraries
+        raise InputError(f"{path}: cannot parse config: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: config must be a mapping of options")
+    unknown = set(data) - CONFIG_KEYS
+    if unknown:
+        raise ParameterError(f"{path}: unknown config keys {sorted(unknown)} (valid: {sorted(CONFIG_KEYS)})")
+    return data
+
+
+def _expand_inputs(cfg: dict[str, Any], base: Path) -> tuple[list[str], list[float] | None, list[float] | None, list[float | None]]:
+    paths, weights, densities, alphas = [], [], [], []
+    for i, item in enumerate(cfg.get("inputs") or []):
+        if isinstance(item, str):
+            item = {"path": item}
+        if not isinstance(item, dict) or "path" not in item:
+            raise ParameterError(f"config inputs[{i}] must be a path or a mapping with 'path'")
+        unknown = set(item) - INPUT_KEYS
+        if unknown:
+            raise ParameterError(f"config inputs[{i}]: unknown keys {sorted(unknown)} (valid: {sorted(INPUT_KEYS)})")
+        p = Path(str(item["path"]))
+        paths.append(str(p if p.is_absolute() else base / p))
+        weights.append(item.get("weight"))
+        densities.append(item.get("density"))
+        alphas.append(item.get("alpha"))
+    w = None if all(x is None for x in weights) else weights
+    d = None if all(x is None for x in densities) else densities
+    if w is not None and any(x is None for x in w):
+        raise ParameterError("config: give a weight for every input or for none")
+    if d is not None and any(x is None for x in d):
+        raise ParameterError("config: give a density for every input or for none")
+    return paths, w, d, alphas
+
+
+def _progress_bar(enabled: bool):
+    """A rich progress bar on stderr as an engine progress callback (None when disabled)."""
+    if not enabled or not err.is_terminal:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("{task.description}"), console=err, transient=True,
+    )
+    task = None
+
+    def update(done: int, total: int, name: str) -> None:
+        nonlocal task
+        if task is None:
+            task = bar.add_task("", total=total)
+        bar.update(task, completed=done, description=name.removeprefix("base_model.model."))
+
+    return bar, update
+
+
+# ------------------------------------------------------------------------------------------------ merge
+@app.command()
+def merge(
+    inputs: Optional[list[str]] = typer.Argument(None, help="Adapters to merge: PEFT adapter directories or .safetensors files.", show_default=False),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output: a directory (PEFT adapter) or a file ending in .safetensors."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="Merge operator (default linear). `adaptermerge methods` lists them with their parameters."),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="One weight per input, comma separated, e.g. 0.5,0.3,0.2 (default 1 each)."),
+    density: Optional[str] = typer.Option(None, help="Fraction of entries kept (ties, dare_*, magnitude_prune, breadcrumbs, della): one value, or one per input."),
+    majority_sign: Optional[str] = typer.Option(None, help="Sign election for ties/dare_ties/della: total (sum of values) or frequency (count of signs)."),
+    scale: Optional[float] = typer.Option(None, "--scale", "--lambda", help="Scale (the papers' lambda) applied to the merged delta."),
+    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="linear: divide by the sum of weights; ties-like: divide by the weights of agreeing inputs."),
+    rescale: Optional[bool] = typer.Option(None, "--rescale/--no-rescale", help="DARE/DELLA: rescale kept entries by 1/keep-probability."),
+    gamma: Optional[float] = typer.Option(None, help="breadcrumbs: fraction of the largest-magnitude entries dropped as outliers."),
+    epsilon: Optional[float] = typer.Option(None, help="della: spread of keep probabilities around density."),
+    rank: Optional[str] = typer.Option(None, "--rank", "-r", help="Output rank: an integer (default: largest input rank) or 'full' for an exact full-rank delta. Not for cat."),
+    seed: Optional[int] = typer.Option(None, help="Seed for DARE/DELLA drops and the randomized SVD (default 0). Same seed, same bytes."),
+    svd: Optional[str] = typer.Option(None, help="Back-to-low-rank for element-wise methods: randomized (fast, default) or exact."),
+    svd_niter: Optional[int] = typer.Option(None, help="Power iterations of the randomized SVD (default 2)."),
+    svd_oversample: Optional[int] = typer.Option(None, help="Extra sketch columns of the randomized SVD (default 8)."),
+    dtype: Optional[str] = typer.Option(None, help="Output dtype: float32, bfloat16 or float16 (default: the inputs' dtype)."),
+    alpha: Optional[float] = typer.Option(None, help="lora_alpha for bare .safetensors inputs without it in their metadata."),
+    extra_tensors: Optional[str] = typer.Option(None, help="Non-LoRA tensors (modules_to_save, ...): identical (default: copy only if identical in all inputs, else error) or first (copy from the first input)."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge inputs that contain NaN/Inf instead of refusing them."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing output."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML/TOML/JSON file with the same options (inputs with per-input weight/density/alpha, method, params, ...). Command-line options override it."),
+    json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table."),
+) -> None:
+    """Merge LoRA adapters into one LoRA adapter (a PEFT directory, or one .safetensors file).
+
+    Element-wise methods act on each module's delta scale*B@A (never on A and B separately) and are truncated
+    back to low rank with a seeded randomized SVD; linear methods are merged exactly in low-rank form.
+
+    Example: adaptermerge merge a/ b/ c.safetensors --method ties --weights 0.5,0.3,0.2 --density 0.5 --rank 16 -o merged/
+    """
+    from .adapter import check_output_path, load_adapter
+    from .engine import merge_to, validate_options
+
+    cfg: dict[str, Any] = load_config_file(config) if config else {}
+    base = config.parent if config else Path(".")
+    cfg_paths, cfg_weights, cfg_dens, cfg_alphas = _expand_inputs(cfg, base)
+    paths = list(inputs or []) or cfg_paths
+    if not paths:
+        raise ParameterError("no inputs: give adapter paths or a --config with inputs")
+    if inputs and cfg_paths:
+        cfg_weights, cfg_dens, cfg_alphas = None, None, []
+    w = _floats(weights, "--weights") if weights is not None else cfg_weights if cfg_weights is not None else cfg.get("weights")
+    params: dict[str, Any] = dict(cfg.get("params") or {})
+    if cfg_dens is not None:
+        params["density"] = cfg_dens
+    cli_params = {"density": None if density is None else (lambda v: v[0] if len(v) == 1 else v)(_floats(density, "--density")),
+                  "majority_sign": majority_sign, "scale": scale, "normalize": normalize, "rescale": rescale,
+                  "gamma": gamma, "epsilon": epsilon}
+    params.update({k: v for k, v in cli_params.items() if v is not None})
+    opts = {
+        "rank": _rank(rank if rank is not None else cfg.get("rank")),
+        "seed": seed if seed is not None else cfg.get("seed", 0),
+        "svd": svd or cfg.get("svd", "randomized"),
+        "svd_niter": svd_niter if svd_niter is not None else cfg.get("svd_niter", 2),
+        "svd_oversample": svd_oversample if svd_oversample is not None else cfg.get("svd_oversample", 8),
+        "dtype": dtype or cfg.get("dtype"),
+        "extra_tensors": extra_tensors or cfg.get("extra_tensors", "identical"),
+    }
+    method_name = method or cfg.get("method", "linear")
+    # 1. every option, before any file is opened
+    validate_options(method_name, len(paths), w, params, **opts)
+    target = output if output is not None else (base / str(cfg["output"]) if cfg.get("output") else None)
+    if target is None:
+        raise ParameterError("no output: pass -o/--output (a directory, or a file ending in .safetensors)")
+    force = force or bool(cfg.get("force", False))
+    check_output_path(target, force=force, inputs=[Path(p) for p in paths])
+    # 2. headers of every input (no tensor data yet)
+    default_alpha = alpha if alpha is not None else cfg.get("alpha")
+    alphas = [(cfg_alphas[i] if i < len(cfg_alphas) and cfg_alphas[i] is not None else default_alpha) for i in range(len(paths))]
+    adapters = [load_adapter(p, alpha=a) if Path(p).is_file() else load_adapter(p) for p, a in zip(paths, alphas)]
+    # 3. merge, streaming to a temporary output renamed into place at the end
+    bar, update = _progress_bar(not (quiet or json_out))
+    if bar is not None:
+        with bar:
+            summary = merge_to(target, adapters, method_name, w, force=force, allow_nonfinite=allow_nonfinite or bool(cfg.get("allow_nonfinite")), progress=update, **opts, **params)
+    else:
+        summary = merge_to(target, adapters, method_name, w, force=force, allow_nonfinite=allow_nonfinite or bool(cfg.get("allow_nonfinite")), **opts, **params)
+    summary["output"] = str(target)
+    if json_out:
+        out.print_json(json.dumps(summary))
+    elif not quiet:
+        _print_merge_summary(summary)
+
+
+def _print_merge_summary(s: dict[str, Any]) -> None:
+    t = Table(title=f"merged with {s['method']} -> {s['output']}", show_lines=False)
+    for col in ("input", "weight", "modules", "ranks", "dtype"):
+        t.add_column(col)
+    for inp, w in zip(s["inputs"], s["weights"]):
+        t.add_row(inp["name"], f"{w:g}", str(inp["modules"]), ",".join(map(str, inp["ranks"])), inp["dtype"])
+    err.print(t)
+    ranks = sorted({m["rank"] for m in s["modules"].values()})
+    err.print(
+        f"{s['n_modules']} modules, output rank {','.join(map(str, ranks))}, dtype {s['output_dtype']}; "
+        f"relative truncation error max {s['max_rel_error']:.3g}, mean {s['mean_rel_error']:.3g}; {s['seconds']:.2f} s"
+    )
+    for inp in s["inputs"]:
+        for note in inp["notes"]:
+            err.print(f"note: {inp['name']}: {note}")
+    missing = [n for n in s["notes"] if "missing" in n]
+    if missing:
+        err.print(f"note: {len(missing)} module(s) missing from some inputs were treated as zero deltas there, e.g. {missing[0]}")
+    for k, why in s["extra_tensors"].items():
+        err.print(f"note: non-LoRA tensor {k}: {why}")
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="A PEFT adapter directory or a .safetensors file."),
+    alpha: Optional[float] = typer.Option(None, help="lora_alpha for a bare .safetensors file without it in its metadata."),
+    json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON on stdout."),
+) -> None:
+    """Show an adapter's modules, shapes, ranks, alpha/scaling, dtype, delta norms and provenance."""
+    from .adapter import load_adapter
+    from .lowrank import delta_norm
+
+    a = load_adapter(path, alpha=alpha, require_alpha=False)
+    rows = []
+    for m in a.modules.values():
+        b, aa = a.factors(m.name, check_finite=False)
+        rows.append({
+            "module": m.name, "kind": m.kind, "shape": list(m.shape), "rank": m.rank, "alpha": m.alpha,
+            "scale": m.scale, "dtype": m.dtype, "delta_norm": delta_norm(b, aa),
+        })
+    info = {
+        "path": str(path), "weights_file": str(a.weights_file), "sha256": a.sha256(), "n_modules": len(rows),
+        "config": {k: a.config.get(k) for k in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "base_model_name_or_path") if k in a.config},
+        "extra_tensors": sorted(a.extras), "provenance": a.metadata, "notes": a.notes, "modules": rows,
+    }
+    if json_out:
+        out.print_json(json.dumps(info))
+        return
+    t = Table(title=f"{path}  ({len(rows)} modules, sha256 {info['sha256'][:12]}…)")
+    for col in ("module", "kind", "shape", "rank", "alpha", "scale", "dtype", "‖ΔW‖_F"):
+        t.add_column(col, justify="right" if col not in ("module", "kind", "dtype") else "left")
+    for r in rows:
+        t.add_row(r["module"].removeprefix("base_model.model."), r["kind"], "x".join(map(str, r["shape"])), str(r["rank"]),
+                  f"{r['alpha']:g}", f"{r['scale']:.4g}", r["dtype"], f"{r['delta_norm']:.4g}")
+    out.print(t)
+    out.print("config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
+    if a.extras:
+        out.print(f"non-LoRA tensors: {', '.join(sorted(a.extras))}")
+    for k, v in sorted(a.metadata.items()):
+        out.print(f"metadata {k}: {v if len(v) < 300 else v[:300] + '…'}")
+    for n in a.notes:
+        out.print(f"note: {n}")
+
+
+# ------------------------------------------------------------------------------------------------ methods
+@app.command()
+def methods(json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")) -> None:
+    """List every merge operator with its parameters (defaults, ranges) and its paper."""
+    from .registry import describe
+
+    info = describe()
+    if json_out:
+        out.print_json(json.dumps(info))
+        return
+    if not out.is_terminal:
+        out.width = 200  # piped or captured: do not squeeze the table to 80 columns
+    t = Table(show_lines=True)
+    for col in ("method", "kind", "parameters", "reference"):
+        t.add_column(col)
+    for m in info:
+        ps = []
+        for p in m["params"]:
+            rng = p.get("choices") or p.get("range")
+            ps.append(f"{p['name']}={p['default']!r}" + (f" {rng}" if rng else "") + (" (per input)" if p.get("per_input") else ""))
+        t.add_row(f"[bold]{m['name']}[/]\n{m['summary']}", m["kind"], "\n".join(ps) or "-", m["paper"])
+    out.print(t)
+
+
+# ------------------------------------------------------------------------------------------------ plugins + main
+def _load_plugins() -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="adaptermerge.plugins"):
+        try:
+            sub = ep.load()
+        except Exception as e:  # a broken plugin must not break the core commands
+            msg = f"plugin '{ep.name}' could not be loaded: {type(e).__name__}: {e}"
+
+            def broken(_msg: str = msg) -> None:
+                raise AdapterMergeError(_msg)
+
+            app.command(name=ep.name, help=f"(unavailable) {msg}")(broken)
+            continue
+        app.add_typer(sub, name=ep.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the CLI, turns every error into one line on stderr and an exit code."""
+    _load_plugins()
+    cmd = typer.main.get_command(app)
+    try:
+        cmd.main(args=argv, prog_name="adaptermerge", standalone_mode=False)
+    except AdapterMergeError as e:
+        err.print(f"error: {e}", highlight=False, markup=False)
+        return e.exit_code
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        err.print("error: aborted")
+        return 130
+    except click_exc.NoArgsIsHelpError:
+        return 2  # the help text has been printed
+    except click_exc.UsageError as e:
+        where = f"{e.ctx.command_path}: " if e.ctx else ""
+        err.print(f"error: {where}{e.format_message()}", highlight=False, markup=False)
+        return 2
+    except click_exc.ClickException as e:
+        err.print(f"error: {e.format_message()}", highlight=False, markup=False)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,409 @@
+"""The merge engine: plan (headers only), then merge module by module, back to low rank, into an adapter.
+
+Per module, with ``dW_i = scale_i * B_i @ A_i`` the delta of input i (zero where an input lacks the module):
+
+* ``linear`` operators (linear, task_arithmetic): ``dW = sum_i c_i dW_i`` is never formed; the optimal rank-R
+  factors come from the stacked factors (QR + small core SVD, exact).
+* ``concat`` (cat): the factors are concatenated, rank = sum of ranks, exact.
+* ``elementwise`` operators (ties, dare_*, magnitude_prune, breadcrumbs, della): the dense deltas of one module are
+  formed, the operator runs on them, and the result is truncated back to rank R by a seeded randomized SVD (or an
+  exact one), whose relative error is reported per module.
+
+Every parameter is validated before any tensor is read. Stochastic operators get a per-module seed derived from
+(seed, module name), so results do not depend on module order, thread count or which other modules exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+
+import torch
+
+from . import __version__
+from .adapter import (
+    SCALE_FOLDED_KEY,
+    Adapter,
+    LoraModule,
+    OutputTarget,
+    build_peft_config,
+    load_adapter,
+    resolve_output_dtype,
+)
+from .errors import IncompatibleInputsError, ParameterError
+from .lowrank import concat_factors, full_rank_factors, truncate_dense, truncate_factors
+from .registry import Method, resolve
+from .safetensors_io import SafetensorsWriter, read_tensor
+
+RankSpec = int | Literal["full"] | None
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    present: tuple[int, ...]  # indices of the inputs that adapt this module
+    ranks: tuple[int, ...]  # their ranks
+    out_rank: int
+    template: LoraModule  # key naming of the output
+
+
+@dataclass
+class MergePlan:
+    method: Method
+    weights: list[float]
+    params: dict[str, Any]
+    rank: RankSpec
+    seed: int
+    svd: str
+    svd_niter: int
+    svd_oversample: int
+    out_dtype: torch.dtype
+    modules: list[ModulePlan]
+    extras: dict[str, tuple[int, str]]  # extra tensor key -> (input index to copy from, why)
+    notes: list[str] = field(default_factory=list)
+
+
+def validate_options(
+    method: str,
+    n_inputs: int,
+    weights: Sequence[float] | None,
+    params: Mapping[str, Any],
+    *,
+    rank: RankSpec = None,
+    seed: int = 0,
+    svd: str = "randomized",
+    svd_niter: int = 2,
+    svd_oversample: int = 8,
+    dtype: str | None = None,
+    extra_tensors: str = "identical",
+) -> tuple[Method, list[float], dict[str, Any]]:
+    """Check every option of a merge without touching any file. Returns the method, weights and full params."""
+    if n_inputs < 1:
+        raise ParameterError("need at least one input adapter")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ParameterError(f"seed must be a non-negative integer, got {seed!r}")
+    m, w, p = resolve(method, n_inputs, weights, {**dict(params), "seed": seed})
+    if rank is not None and rank != "full":
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise ParameterError(f"rank must be a positive integer or 'full', got {rank!r}")
+    if m.kind == "concat" and rank is not None:
+        raise ParameterError("method 'cat' is an exact concatenation (rank = sum of input ranks); do not pass rank")
+    if svd not in ("randomized", "exact"):
+        raise ParameterError(f"svd must be 'randomized' or 'exact', got {svd!r}")
+    if isinstance(svd_niter, bool) or not isinstance(svd_niter, int) or svd_niter < 0:
+        raise ParameterError(f"svd_niter must be an integer >= 0, got {svd_niter!r}")
+    if isinstance(svd_oversample, bool) or not isinstance(svd_oversample, int) or svd_oversample < 0:
+        raise ParameterError(f"svd_oversample must be an integer >= 0, got {svd_oversample!r}")
+    resolve_output_dtype(dtype, "F32")
+    if extra_tensors not in ("identical", "first"):
+        raise ParameterError(f"extra_tensors must be 'identical' or 'first', got {extra_tensors!r}")
+    return m, w, p
+
+
+def module_seed(seed: int, name: str) -> int:
+    """A per-module seed that depends only on the global seed and the module's name."""
+    digest = hashlib.sha256(f"{seed}\x00{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def plan(
+    adapters: Sequence[Adapter],
+    method: str = "linear",
+    weights: Sequence[float] | None = None,
+    *,
+    rank: RankSpec = None,
+    seed: int = 0,
+    svd: str = "randomized",
+    svd_niter: int = 2,
+    svd_oversample: int = 8,
+    dtype: str | None = None,
+    extra_tensors: str = "identical",
+    **params: Any,
+) -> MergePlan:
+    """Validate options, then check the inputs against each other from their headers. Reads no tensor data
+    (except non-LoRA extra tensors, compared byte for byte)."""
+    m, w, p = validate_options(
+        method, len(adapters), weights, params, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter,
+        svd_oversample=svd_oversample, dtype=dtype, extra_tensors=extra_tensors,
+    )
+    names = sorted({n for a in adapters for n in a.modules})
+    max_rank = max(mod.rank for a in adapters for mod in a.modules.values())
+    modules: list[ModulePlan] = []
+    notes: list[str] = []
+    for name in names:
+        present = tuple(i for i, a in enumerate(adapters) if name in a.modules)
+        first = adapters[present[0]].modules[name]
+        for i in present[1:]:
+            other = adapters[i].modules[name]
+            if other.shape != first.shape or other.kind != first.kind:
+                raise IncompatibleInputsError(
+                    f"module '{name}' is {first.kind} {list(first.shape)} in {adapters[present[0]].name} but "
+                    f"{other.kind} {list(other.shape)} in {adapters[i].name} (adapters for different base models?)"
+                )
+        ranks = tuple(adapters[i].modules[name].rank for i in present)
+        mm, nn = first.shape
+        if m.kind == "concat":
+            out_rank = sum(ranks)
+        elif rank == "full":
+            out_rank = min(mm, nn)
+        else:
+            target = max_rank if rank is None else rank
+            out_rank = min(target, mm, nn, sum(ranks)) if m.kind == "linear" else min(target, mm, nn)
+        modules.append(ModulePlan(name, first.kind, first.shape, present, ranks, out_rank, first))
+        if len(present) < len(adapters):
+            missing = [adapters[i].name for i in range(len(adapters)) if i not in present]
+            notes.append(f"module '{name}' is missing from {', '.join(missing)}: treated as a zero delta there")
+    dtypes = {a.dtype for a in adapters}
+    in_dtype = dtypes.pop() if len(dtypes) == 1 else "F32"
+    return MergePlan(
+        method=m, weights=w, params=p, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter,
+        svd_oversample=svd_oversample, out_dtype=resolve_output_dtype(dtype, in_dtype), modules=modules,
+        extras=_plan_extras(adapters, extra_tensors), notes=notes,
+    )
+
+
+def _plan_extras(adapters: Sequence[Adapter], policy: str) -> dict[str, tuple[int, str]]:
+    keys = sorted({k for a in adapters for k in a.extras})
+    out: dict[str, tuple[int, str]] = {}
+    for key in keys:
+        holders = [i for i, a in enumerate(adapters) if key in a.extras]
+        if policy == "first":
+            out[key] = (holders[0], "copied from the first input that has it (extra_tensors='first')")
+            continue
+        # A saved copy of a base layer (PEFT saves the embedding when it is targeted) is base weight, not a delta:
+        # copying it from whichever inputs have it is faithful when they agree. Anything else must be in every input.
+        base_copy = key.endswith(".base_layer.weight")
+        same = base_copy or len(holders) == len(adapters)
+        if same:
+            ref = adapters[holders[0]]._extra_tensor(key)
+            for i in holders[1:]:
+                t = adapters[i]._extra_tensor(key)
+                if t.dtype != ref.dtype or t.shape != ref.shape or not torch.equal(t, ref):
+                    same = False
+                    break
+        if not same:
+            raise IncompatibleInputsError(
+                f"non-LoRA tensor '{key}' (e.g. modules_to_save or trainable tokens) is not identical in every input; "
+                f"full weights cannot be merged as deltas: pass --extra-tensors first (extra_tensors='first') to copy "
+                f"it from the first input that has it"
+            )
+        out[key] = (holders[0], "identical in every input that has it" if base_copy else "identical in every input")
+    return out
+
+
+def _merge_module(p: ModulePlan, mp: MergePlan, adapters: Sequence[Adapter], check_finite: bool):
+    """Merged factors (B, A) with scale 1 and the relative truncation error of one module."""
+    factors = {i: adapters[i].factors(p.name, check_finite=check_finite) for i in p.present}
+    method = mp.method
+    if method.kind in ("linear", "concat"):
+        coeffs = method.coefficients(mp.weights, mp.params)
+        bs = [factors[i][0] * coeffs[i] for i in p.present]
+        as_ = [factors[i][1] for i in p.present]
+        if method.kind == "concat":
+            b, a = concat_factors(bs, as_)
+            return b, a, 0.0
+        if mp.rank == "full":
+            return (*full_rank_factors(torch.cat(bs, 1) @ torch.cat(as_, 0)), 0.0)
+        return truncate_factors(bs, as_, p.out_rank)
+    deltas = []
+    for i in range(len(adapters)):
+        if i in factors:
+            b, a = factors.pop(i)
+            deltas.append(b @ a)
+        else:
+            deltas.append(torch.zeros(p.shape, dtype=torch.float32))
+    kwargs = {k: v for k, v in mp.params.items() if k != "seed"}
+    if method.stochastic:
+        kwargs["seed"] = module_seed(mp.seed, p.name)
+    merged = method.fn(deltas, mp.weights, **kwargs)
+    del deltas
+    if mp.rank == "full":
+        return (*full_rank_factors(merged), 0.0)
+    return truncate_dense(
+        merged, p.out_rank, method=mp.svd, niter=mp.svd_niter, oversample=mp.svd_oversample,
+        seed=module_seed(mp.seed, "svd:" + p.name),
+    )
+
+
+def _output_module(p: ModulePlan, rank: int, dtype: torch.dtype) -> LoraModule:
+    from .safetensors_io import TORCH_TO_ST
+
+    t = p.template
+    return LoraModule(
+        name=p.name, kind=t.kind, key_a=t.key_a, key_b=t.key_b, out_features=t.out_features,
+        in_features=t.in_features, rank=rank, alpha=float(rank), scale=1.0, dtype=TORCH_TO_ST[dtype],
+    )
+
+
+def _run(
+    mp: MergePlan,
+    adapters: Sequence[Adapter],
+    emit: Callable[[str, torch.Tensor], None],
+    *,
+    check_finite: bool,
+    progress: Progress | None,
+) -> tuple[list[LoraModule], dict[str, float]]:
+    out_modules: list[LoraModule] = []
+    errors: dict[str, float] = {}
+    total = len(mp.modules)
+    for idx, p in enumerate(mp.modules):
+        if progress:
+            progress(idx, total, p.name)
+        b, a, err = _merge_module(p, mp, adapters, check_finite)
+        mod = _output_module(p, a.shape[0], mp.out_dtype)
+        emit(mod.key_a, a.to(mp.out_dtype).contiguous())
+        emit(mod.key_b, b.to(mp.out_dtype).contiguous())
+        out_modules.append(mod)
+        errors[p.name] = err
+    if progress:
+        progress(total, total, "")
+    return out_modules, errors
+
+
+def _provenance(mp: MergePlan, adapters: Sequence[Adapter], errors: Mapping[str, float]) -> dict[str, str]:
+    params = {k: v for k, v in mp.params.items() if k != "seed"}
+    settings = {
+        "method": mp.method.name,
+        "weights": mp.weights,
+        "params": params,
+        "seed": mp.seed,
+        "rank": mp.rank,
+        "svd": mp.svd if mp.method.kind == "elementwise" else None,
+        "svd_niter": mp.svd_niter,
+        "svd_oversample": mp.svd_oversample,
+        "dtype": str(mp.out_dtype).removeprefix("torch."),
+    }
+    inputs = [{"name": Path(a.name).name, "sha256": a.sha256()} for a in adapters]
+    return {
+        "format": "pt",
+        SCALE_FOLDED_KEY: "true",
+        "adaptermerge.version": __version__,
+        "adaptermerge.method": mp.method.name,
+        "adaptermerge.settings": json.dumps(settings, sort_keys=True, separators=(",", ":")),
+        "adaptermerge.inputs": json.dumps(inputs, sort_keys=True, separators=(",", ":")),
+        "adaptermerge.rel_errors": json.dumps({k: round(v, 9) for k, v in errors.items()}, sort_keys=True, separators=(",", ":")),
+    }
+
+
+def _summary(mp: MergePlan, adapters: Sequence[Adapter], out_modules: list[LoraModule], errors: Mapping[str, float], seconds: float) -> dict[str, Any]:
+    errs = list(errors.values())
+    return {
+        "method": mp.method.name,
+        "kind": mp.method.kind,
+        "weights": mp.weights,
+        "params": {k: v for k, v in mp.params.items() if k != "seed"},
+        "seed": mp.seed,
+        "rank": mp.rank,
+        "output_dtype": str(mp.out_dtype).removeprefix("torch."),
+        "inputs": [
+            {"name": a.name, "sha256": a.sha256(), "modules": len(a.modules), "ranks": sorted({m.rank for m in a.modules.values()}),
+             "dtype": a.dtype, "notes": a.notes}
+            for a in adapters
+        ],
+        "modules": {
+            m.name: {"rank": m.rank, "shape": list(m.shape), "rel_error": errors[m.name],
+                     "missing_in": [adapters[i].name for i in range(len(adapters)) if i not in p.present]}
+            for m, p in zip(out_modules, mp.modules)
+        },
+        "n_modules": len(out_modules),
+        "max_rel_error": max(errs) if errs else 0.0,
+        "mean_rel_error": sum(errs) / len(errs) if errs else 0.0,
+        "extra_tensors": {k: why for k, (_, why) in mp.extras.items()},
+        "notes": mp.notes,
+        "seconds": round(seconds, 3),
+    }
+
+
+def _as_adapters(inputs: Sequence[Adapter | str | os.PathLike]) -> list[Adapter]:
+    return [x if isinstance(x, Adapter) else load_adapter(x) for x in inputs]
+
+
+def merge(
+    adapters: Sequence[Adapter | str | os.PathLike],
+    method: str = "linear",
+    weights: Sequence[float] | None = None,
+    *,
+    rank: RankSpec = None,
+    seed: int = 0,
+    svd: Literal["randomized", "exact"] = "randomized",
+    svd_niter: int = 2,
+    svd_oversample: int = 8,
+    dtype: str | None = None,
+    extra_tensors: Literal["identical", "first"] = "identical",
+    allow_nonfinite: bool = False,
+    progress: Progress | None = None,
+    **params: Any,
+) -> Adapter:
+    """Merge LoRA adapters into one LoRA adapter held in memory (call ``.save(path)`` to write it).
+
+    ``method`` is an operator name (see :func:`adaptermerge.methods`); ``weights`` one float per input (default 1.0
+    each); operator parameters (``density``, ``majority_sign``, ``scale``, ...) are keyword arguments. ``rank`` is the
+    output rank (default: the largest input rank) or ``"full"`` for an exact full-rank output. The result's
+    ``summary`` holds per-module ranks and relative truncation errors; its metadata records the provenance.
+    For outputs too large to hold in memory use :func:`merge_to`.
+    """
+    validate_options(method, len(adapters), weights, params, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter,
+                     svd_oversample=svd_oversample, dtype=dtype, extra_tensors=extra_tensors)
+    ads = _as_adapters(adapters)
+    t0 = time.perf_counter()
+    mp = plan(ads, method, weights, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter, svd_oversample=svd_oversample,
+              dtype=dtype, extra_tensors=extra_tensors, **params)
+    tensors: dict[str, torch.Tensor] = {}
+    out_modules, errors = _run(mp, ads, tensors.__setitem__, check_finite=not allow_nonfinite, progress=progress)
+    extras = {k: ads[i]._extra_tensor(k) for k, (i, _) in mp.extras.items()}
+    tensors.update(extras)
+    return Adapter(
+        name=f"merge:{mp.method.name}",
+        modules={m.name: m for m in out_modules},
+        config=dict(ads[0].config),
+        metadata=_provenance(mp, ads, errors),
+        extras=extras,
+        tensors=tensors,
+        summary=_summary(mp, ads, out_modules, errors, time.perf_counter() - t0),
+    )
+
+
+def merge_to(
+    output: str | os.PathLike,
+    adapters: Sequence[Adapter | str | os.PathLike],
+    method: str = "linear",
+    weights: Sequence[float] | None = None,
+    *,
+    force: bool = False,
+    rank: RankSpec = None,
+    seed: int = 0,
+    svd: Literal["randomized", "exact"] = "randomized",
+    svd_niter: int = 2,
+    svd_oversample: int = 8,
+    dtype: str | None = None,
+    extra_tensors: Literal["identical", "first"] = "identical",
+    allow_nonfinite: bool = False,
+    progress: Progress | None = None,
+    **params: Any,
+) -> dict[str, Any]:
+    """Like :func:`merge` but streams each merged module to ``output`` (a PEFT directory, or a file ending in
+    ``.safetensors``) so memory stays bounded by one module. The output appears atomically. Returns the summary."""
+    validate_options(method, len(adapters), weights, params, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter,
+                     svd_oversample=svd_oversample, dtype=dtype, extra_tensors=extra_tensors)
+    ads = _as_adapters(adapters)
+    t0 = time.perf_counter()
+    mp = plan(ads, method, weights, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter, svd_oversample=svd_oversample,
+              dtype=dtype, extra_tensors=extra_tensors, **params)
+    inputs = [a.path for a in ads if a.path is not None]
+    with OutputTarget(Path(output), force=force, inputs=inputs) as out:
+        writer = SafetensorsWriter(out.weights_path)
+        with writer:
+            out_modules, errors = _run(mp, ads, writer.add, check_finite=not allow_nonfinite, progress=progress)
+            for k, (i, _) in mp.extras.items():
+                writer.add(k, ads[i]._extra_tensor(k))
+            out.commit_weights(writer, _provenance(mp, ads, errors))
+        out.write_config(build_peft_config(out_modules, ads[0].config, scale_folded=True))
+    return _summary(mp, ads, out_modules, errors, time.perf_counter() - t0)

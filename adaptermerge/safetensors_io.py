@@ -1,0 +1,275 @@
+"""A strict safetensors reader and a deterministic, atomic, streaming safetensors writer.
+
+Why not just ``safetensors.safe_open`` / ``save_file``?
+
+* Reading: adapters come from strangers. The header is validated here *before* any tensor is allocated (header
+  length against the file size, JSON shape, known dtypes, byte lengths against shapes, offsets inside the file and
+  not overlapping), so a crafted header cannot make us allocate what the file does not contain. Tensors are then
+  read one at a time by offset, so memory is bounded by the tensors a caller holds.
+* Writing: ``safetensors`` serialises ``__metadata__`` from a hash map whose order changes from run to run, so the
+  same merge would give different bytes. This writer emits a canonical header (sorted keys, no whitespace), spools
+  tensor data to a temporary file beside the destination while the merge runs, and renames into place only when
+  everything is on disk: a crash or a full disk never leaves a partial file under the output name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Mapping
+
+import torch
+
+from .errors import InputError, OutputError
+
+# safetensors dtype string -> (torch dtype, item size in bytes)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+TORCH_TO_ST = {v[0]: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+#: A header larger than this is refused: real adapters have headers of a few hundred KB.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: Tensors with more dimensions than this are refused (LoRA factors have 2).
+MAX_NDIM = 8
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives in a safetensors file (offsets are absolute file positions)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    metadata: dict[str, str]
+    tensors: dict[str, TensorEntry]
+    file_size: int
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Parse and validate a safetensors header without reading any tensor data.
+
+    Raises :class:`InputError` naming the file (and tensor) for every way a file can be broken or hostile.
+    """
+    p = Path(path)
+    if p.suffix.lower() in {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}:
+        raise InputError(
+            f"{p}: pickle-based checkpoints are never unpickled (they can run code); convert it to safetensors "
+            f"in a trusted environment, e.g. safetensors.torch.save_file(torch.load(f, weights_only=True), 'x.safetensors')"
+        )
+    try:
+        fh = open(p, "rb")
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{p}: is a directory, expected a .safetensors file") from None
+    except OSError as e:
+        raise InputError(f"{p}: cannot open: {e.strerror or e}") from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            raise InputError(f"{p}: empty file, not a safetensors file")
+        if size < 8:
+            raise InputError(f"{p}: truncated safetensors file ({size} bytes, header length needs 8)")
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > size - 8:
+            raise InputError(f"{p}: safetensors header claims {n} bytes but the file has only {size - 8} after it (truncated or not safetensors)")
+        if n > MAX_HEADER_BYTES:
+            raise InputError(f"{p}: safetensors header of {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError(f"{p}: safetensors header is not valid JSON (corrupt or not a safetensors file)") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{p}: safetensors header is not a JSON object")
+    data_start = 8 + n
+    data_len = size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise InputError(f"{p}: safetensors __metadata__ must map strings to strings")
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        where = f"{p}: tensor '{name}'"
+        if not isinstance(info, dict):
+            raise InputError(f"{where}: header entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPES:
+            raise InputError(f"{where}: unknown dtype {dtype!r}")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_NDIM
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
+        ):
+            raise InputError(f"{where}: invalid shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise InputError(f"{where}: invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise InputError(f"{where}: invalid data_offsets {offsets!r}")
+        if end > data_len:
+            raise InputError(f"{where}: data runs past the end of the file (offset {end} > {data_len} data bytes; truncated?)")
+        expected = math.prod(shape) * DTYPES[dtype][1]
+        if end - begin != expected:
+            raise InputError(f"{where}: shape {shape} of {dtype} needs {expected} bytes but data_offsets span {end - begin}")
+        entries[name] = TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
+    spans = sorted((e.start, e.end, e.name) for e in entries.values() if e.end > e.start)
+    for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise InputError(f"{p}: tensors '{n0}' and '{n1}' overlap in the file")
+    return SafetensorsHeader(p, metadata, entries, size)
+
+
+def read_tensor(header: SafetensorsHeader, name: str, fh: BinaryIO | None = None) -> torch.Tensor:
+    """Read one tensor's bytes (and only those) from the file described by ``header``."""
+    e = header.tensors[name]
+    torch_dtype, _ = DTYPES[e.dtype]
+    nbytes = e.end - e.start
+    buf = bytearray(nbytes)
+    own = fh is None
+    try:
+        if own:
+            fh = open(header.path, "rb")
+        fh.seek(e.start)
+        got = fh.readinto(buf)
+    except OSError as err:
+        raise InputError(f"{header.path}: tensor '{name}': read failed: {err.strerror or err}") from None
+    finally:
+        if own and fh is not None:
+            fh.close()
+    if got != nbytes:
+        raise InputError(f"{header.path}: tensor '{name}': file changed or truncated while reading")
+    if nbytes == 0:
+        return torch.empty(e.shape, dtype=torch_dtype)
+    return torch.frombuffer(buf, dtype=torch_dtype).reshape(e.shape)
+
+
+def canonical_header(entries: Mapping[str, tuple[str, tuple[int, ...], int, int]], metadata: Mapping[str, str]) -> bytes:
+    """The header bytes for ``entries`` (name -> (dtype, shape, begin, end)), canonical and 8-byte aligned."""
+    obj: dict = {}
+    if metadata:
+        obj["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    for name in sorted(entries):
+        dtype, shape, b, e = entries[name]
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [b, e]}
+    raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """Little-endian raw bytes of a tensor (what safetensors stores)."""
+    t = t.detach().contiguous().cpu()
+    if t.numel() == 0:
+        return b""
+    return t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes()
+
+
+class SafetensorsWriter:
+    """Stream tensors into a safetensors file that appears at ``path`` only once complete.
+
+    Tensor data goes to a spool file beside ``path`` while tensors are added; :meth:`commit` writes the canonical
+    header plus the data to a second temporary file, fsyncs it and renames it over ``path``. :meth:`abort` (or leaving
+    a ``with`` block by an exception) removes every temporary file. Temporary names start with ``.adaptermerge-tmp-``.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        self._offset = 0
+        try:
+            fd, spool = tempfile.mkstemp(prefix=".adaptermerge-tmp-", suffix=".spool", dir=self.path.parent)
+        except OSError as e:
+            raise OutputError(f"{self.path.parent}: cannot create a file there: {e.strerror or e}") from None
+        self._spool_path = Path(spool)
+        self._spool = os.fdopen(fd, "w+b")
+        self._final_tmp: Path | None = None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._entries:
+            raise ValueError(f"tensor '{name}' added twice")
+        if tensor.dtype not in TORCH_TO_ST:
+            raise ValueError(f"tensor '{name}': dtype {tensor.dtype} cannot be stored in safetensors")
+        data = tensor_bytes(tensor)
+        try:
+            self._spool.write(data)
+        except OSError as e:
+            raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from None
+        self._entries[name] = (TORCH_TO_ST[tensor.dtype], tuple(tensor.shape), self._offset, self._offset + len(data))
+        self._offset += len(data)
+
+    def commit(self, metadata: Mapping[str, str] | None = None, *, rename: bool = True) -> Path:
+        """Write header + data to a temporary file and (by default) rename it to ``path``. Returns the file written."""
+        head = canonical_header(self._entries, dict(metadata or {}))
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".adaptermerge-tmp-", suffix=".safetensors", dir=self.path.parent)
+            self._final_tmp = Path(tmp)
+            with os.fdopen(fd, "wb") as out:
+                out.write(head)
+                self._spool.flush()
+                self._spool.seek(0)
+                while chunk := self._spool.read(1 << 24):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            self._close_spool()
+            if not rename:
+                return self._final_tmp
+            os.replace(self._final_tmp, self.path)
+            self._final_tmp = None
+            return self.path
+        except OSError as e:
+            self.abort()
+            raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from None
+
+    def _close_spool(self) -> None:
+        if not self._spool.closed:
+            self._spool.close()
+        self._spool_path.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        self._close_spool()
+        if self._final_tmp is not None:
+            self._final_tmp.unlink(missing_ok=True)
+            self._final_tmp = None
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self._close_spool()
