@@ -121,6 +121,12 @@ def _expand_inputs(cfg: dict[str, Any], base: Path) -> tuple[list[str], list[flo
     return paths, w, d, alphas
 
 
+def _widen(console: Console) -> None:
+    """Piped or captured output: do not squeeze tables to 80 columns."""
+    if not console.is_terminal:
+        console.width = 200
+
+
 def _progress_bar(enabled: bool):
     """A rich progress bar on stderr as an engine progress callback (None when disabled)."""
     if not enabled or not err.is_terminal:
@@ -280,6 +286,7 @@ def inspect(
     if json_out:
         out.print_json(json.dumps(info))
         return
+    _widen(out)
     t = Table(title=f"{path}  ({len(rows)} modules, sha256 {info['sha256'][:12]}…)")
     for col in ("module", "kind", "shape", "rank", "alpha", "scale", "dtype", "‖ΔW‖_F"):
         t.add_column(col, justify="right" if col not in ("module", "kind", "dtype") else "left")
@@ -306,8 +313,7 @@ def methods(json_out: bool = typer.Option(False, "--json", help="Print machine-r
     if json_out:
         out.print_json(json.dumps(info))
         return
-    if not out.is_terminal:
-        out.width = 200  # piped or captured: do not squeeze the table to 80 columns
+    _widen(out)
     t = Table(show_lines=True)
     for col in ("method", "kind", "parameters", "reference"):
         t.add_column(col)
