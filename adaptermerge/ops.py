@@ -45,6 +45,7 @@ __all__ = [
     "dare_ties",
     "della",
     "della_linear",
+    "della_probabilities",
     "density_to_k",
     "linear",
     "magnitude_prune",
@@ -55,7 +56,7 @@ __all__ = [
 ]
 
 #: Elements processed per block. Any value gives bit-identical results; this one keeps the per-block buffers
-#: (about a dozen of 1 MiB) in cache.
+#: (about a dozen of at most 512 KiB) in cache.
 BLOCK = 1 << 17
 
 _SAMPLE_SIZE = 1 << 16  # entries sampled to bracket the top-k threshold
@@ -573,7 +574,8 @@ def _ties_terms(
             np.greater(gb, zero, out=pb)
             np.less(gb, zero, out=nb)
         else:
-            np.subtract(np.greater(tau[0], zero, out=pb).view(np.int8), np.less(tau[0], zero, out=nb).view(np.int8), out=g8b)
+            pos0 = np.greater(tau[0], zero, out=pb).view(np.int8)
+            np.subtract(pos0, np.less(tau[0], zero, out=nb).view(np.int8), out=g8b)
             for t in tau[1:]:
                 np.add(g8b, np.greater(t, zero, out=pb).view(np.int8), out=g8b)
                 np.subtract(g8b, np.less(t, zero, out=nb).view(np.int8), out=g8b)
@@ -621,7 +623,9 @@ def _weighted_sum(inputs: _Inputs, coefficients: Sequence[float]) -> torch.Tenso
     return _result(inputs, _sum_terms(terms, inputs.numel))
 
 
-def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None, *, normalize: bool = True) -> torch.Tensor:
+def linear(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None, *, normalize: bool = True
+) -> torch.Tensor:
     """Weighted average: ``sum_i w_i T_i / sum_i w_i`` (``normalize=False``: just ``sum_i w_i T_i``).
 
     Computed as ``sum_i c_i T_i`` with ``c_i = w_i / sum(w)`` (float64, rounded to float32 once), accumulated
@@ -633,7 +637,9 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = No
     return _weighted_sum(inputs, linear_coefficients(w, check_bool(op, "normalize", normalize)))
 
 
-def task_arithmetic(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None, *, scale: float = 1.0) -> torch.Tensor:
+def task_arithmetic(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None, *, scale: float = 1.0
+) -> torch.Tensor:
     """Task arithmetic: ``scale * sum_i w_i T_i`` (negative weights allowed; ``scale`` is the papers' lambda).
 
     Ilharco et al., Editing Models with Task Arithmetic, arXiv:2212.04089. Computed as ``sum_i (scale*w_i) T_i``.
@@ -756,7 +762,9 @@ def breadcrumbs(
     return _result(inputs, _sum_terms(terms, n))
 
 
-def _dare_terms(op: str, inputs: _Inputs, coefs: Sequence[float], dens: Sequence[float], rescale: bool, seed: int) -> list[_Term]:
+def _dare_terms(
+    inputs: _Inputs, coefs: Sequence[float], dens: Sequence[float], rescale: bool, seed: int
+) -> list[_Term]:
     return [
         _BernoulliTerm(f, (c / d) if rescale else c, d, seed, i)
         for i, (f, c, d) in enumerate(zip(inputs.flats, coefs, dens))
@@ -787,7 +795,7 @@ def dare_linear(
     resc = check_bool(op, "rescale", rescale)
     lam = check_scalar(op, "scale", scale)
     sd = check_seed(op, seed)
-    terms = _dare_terms(op, inputs, [lam * x for x in w], dens, resc, sd)
+    terms = _dare_terms(inputs, [lam * x for x in w], dens, resc, sd)
     return _result(inputs, _sum_terms(terms, inputs.numel))
 
 
@@ -817,7 +825,7 @@ def dare_ties(
     norm = check_bool(op, "normalize", normalize)
     lam = check_scalar(op, "scale", scale)
     sd = check_seed(op, seed)
-    terms = _dare_terms(op, inputs, w, dens, resc, sd)
+    terms = _dare_terms(inputs, w, dens, resc, sd)
     return _result(inputs, _ties_terms(terms, [abs(x) for x in w], inputs.numel, sign_rule, norm, lam))
 
 

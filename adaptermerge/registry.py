@@ -137,9 +137,14 @@ def _make_della_check(name: str) -> Callable[[Mapping[str, Any]], None]:
 
 
 _ARXIV = "https://arxiv.org/abs/"
-_TIES_PAPER = "Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023, " + _ARXIV + "2306.01708"
+_TIES_PAPER = (
+    "Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023, " + _ARXIV + "2306.01708"
+)
 _DARE_PAPER = "Yu et al., Language Models are Super Mario (DARE), ICML 2024, " + _ARXIV + "2311.03099"
-_DELLA_PAPER = "Deep et al., DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling, 2024, " + _ARXIV + "2406.11617"
+_DELLA_PAPER = (
+    "Deep et al., DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling, 2024, "
+    + _ARXIV + "2406.11617"
+)
 _TA_PAPER = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023, " + _ARXIV + "2212.04089"
 
 _ALL: tuple[Method, ...] = (
@@ -284,6 +289,8 @@ def _resolve_param(method: Method, p: Param, value: Any, n_inputs: int) -> Any:
 def _resolve_weights(method: Method, n_inputs: int, weights: Sequence[float] | None) -> list[float]:
     if weights is None:
         return [1.0] * n_inputs
+    if isinstance(weights, torch.Tensor) or type(weights).__name__ == "ndarray":
+        weights = weights.tolist()
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
         raise ParameterError(f"method '{method.name}': weights must be a list of numbers, got {weights!r}")
     if len(weights) != n_inputs:

@@ -1,0 +1,166 @@
+"""Method registry: lookup, validation before any tensor is read, coefficients, describe()."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adaptermerge import ops, registry
+from adaptermerge.errors import ParameterError
+from adaptermerge.registry import METHODS, describe, get_method, resolve
+
+EXPECTED = {
+    "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs", "della",
+    "della_linear", "cat",
+}
+
+
+def test_methods_listed_with_their_operators():
+    assert set(METHODS) == EXPECTED
+    for name, m in METHODS.items():
+        assert m.name == name
+        assert m.fn is getattr(ops, name)
+        assert m.kind in ("linear", "elementwise", "concat")
+        assert m.stochastic == ("seed" in {p.name for p in m.params})
+        assert "arxiv.org/abs/" in m.paper
+        assert "\n" not in m.summary
+    assert {m for m, v in METHODS.items() if v.kind == "linear"} == {"linear", "task_arithmetic"}
+    assert METHODS["cat"].kind == "concat"
+    assert {m for m, v in METHODS.items() if v.stochastic} == {"dare_linear", "dare_ties", "della", "della_linear"}
+
+
+def test_param_defaults_match_the_operator_signatures():
+    import inspect
+
+    for m in METHODS.values():
+        sig = inspect.signature(m.fn)
+        declared = {p.name: p.default for p in m.params}
+        accepted = {k: v.default for k, v in sig.parameters.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
+        assert declared == accepted, m.name
+
+
+def test_unknown_method_did_you_mean():
+    with pytest.raises(ParameterError, match=r"^unknown method 'tie'; did you mean 'ties'\? \(adaptermerge methods lists them\)$"):
+        get_method("tie")
+    with pytest.raises(ParameterError, match=r"did you mean 'dare_ties'"):
+        resolve("dare-ties", 2, None, {})
+    with pytest.raises(ParameterError, match=r"^unknown method 'zzz' \(adaptermerge methods lists them\)$"):
+        get_method("zzz")
+
+
+def test_resolve_fills_defaults_and_expands_per_input():
+    m, w, p = resolve("ties", 3, None, {"density": None, "seed": 5})
+    assert m is METHODS["ties"]
+    assert w == [1.0, 1.0, 1.0]
+    assert p == {"density": [0.2, 0.2, 0.2], "majority_sign": "total", "normalize": True, "scale": 1.0}
+    _, w, p = resolve("dare_ties", 2, [1, 2], {"density": [0.3, 1], "seed": 7, "scale": 2})
+    assert w == [1.0, 2.0] and all(isinstance(x, float) for x in w)
+    assert p["density"] == [0.3, 1.0] and isinstance(p["density"][1], float)
+    assert p["seed"] == 7 and p["scale"] == 2.0 and isinstance(p["scale"], float)
+    assert resolve("cat", 2, None, {"seed": 3})[2] == {}
+
+
+def test_resolved_params_call_the_operator():
+    xs = [torch.randn(4, 5), torch.randn(4, 5)]
+    for name in METHODS:
+        m, w, p = resolve(name, 2, [0.6, 0.4], {"seed": 1})
+        out = m.fn(xs, w, **p)
+        assert out.shape == (4, 5)
+
+
+@pytest.mark.parametrize(
+    "name,params,weights,message",
+    [
+        ("ties", {"densty": 0.3}, None, r"method 'ties' has no parameter 'densty'; did you mean 'density'\? \(valid: density, majority_sign, normalize, scale\)"),
+        ("linear", {"density": 0.3}, None, r"method 'linear' has no parameter 'density' \(valid: normalize\)"),
+        ("cat", {"scale": 2.0}, None, r"method 'cat' has no parameter 'scale' \(it takes no parameters\)"),
+        ("ties", {"density": 0.0}, None, r"method 'ties': parameter density=0.0 is out of range \(0, 1\]"),
+        ("ties", {"density": 1.01}, None, r"parameter density=1.01 is out of range \(0, 1\]"),
+        ("ties", {"density": [0.5, 1.5]}, None, r"parameter density\[1\]=1.5 is out of range \(0, 1\]"),
+        ("ties", {"density": [0.5, 0.5, 0.5]}, None, r"parameter density has 3 values for 2 inputs"),
+        ("ties", {"density": "0.5"}, None, r"parameter density='0.5' must be a number"),
+        ("ties", {"density": float("nan")}, None, r"parameter density=nan must be finite"),
+        ("ties", {"scale": float("inf")}, None, r"parameter scale=inf must be finite"),
+        ("ties", {"scale": [1.0, 2.0]}, None, r"parameter scale takes one value"),
+        ("ties", {"majority_sign": "totl"}, None, r"majority_sign='totl' must be one of total, frequency; did you mean 'total'\?"),
+        ("ties", {"normalize": "yes"}, None, r"parameter normalize='yes' must be true or false"),
+        ("ties", {"normalize": 1}, None, r"parameter normalize=1 must be true or false"),
+        ("dare_ties", {"seed": -1}, None, r"parameter seed=-1 is out of range \[0, inf\)"),
+        ("dare_ties", {"seed": 1.5}, None, r"parameter seed=1.5 must be an integer"),
+        ("dare_ties", {"seed": True}, None, r"parameter seed=True must be an integer"),
+        ("linear", {"seed": -3}, None, r"parameter seed=-3 is out of range"),
+        ("breadcrumbs", {"gamma": 1.0}, None, r"parameter gamma=1.0 is out of range \[0, 1\)"),
+        ("breadcrumbs", {"gamma": 0.2}, None, r"method 'breadcrumbs': gamma \+ density must be <= 1, got 0.2 \+ 0.9"),
+        ("breadcrumbs", {"gamma": 0.2, "density": [0.5, 0.9]}, None, r"gamma \+ density\[1\] must be <= 1"),
+        ("della", {"epsilon": -0.1}, None, r"parameter epsilon=-0.1 is out of range \[0, inf\)"),
+        ("della", {"epsilon": 0.8}, None, r"method 'della': density \+ epsilon/2 must be <= 1, got 0.7 \+ 0.8/2"),
+        ("della_linear", {"density": 0.1, "epsilon": 0.4}, None, r"method 'della_linear': density - epsilon/2 must be > 0"),
+        ("ties", {}, [1.0], r"method 'ties': got 1 weights for 2 inputs"),
+        ("ties", {}, [1.0, float("inf")], r"weights\[1\]=inf must be a finite number"),
+        ("ties", {}, [1.0, "2"], r"weights\[1\]='2' must be a finite number"),
+        ("ties", {}, "1,2", r"weights must be a list of numbers"),
+        ("linear", {}, [1.0, -1.0], r"method 'linear': the weights sum to 0"),
+    ],
+)
+def test_resolve_errors(name, params, weights, message):
+    with pytest.raises(ParameterError, match=message):
+        resolve(name, 2, weights, params)
+
+
+def test_resolve_accepts_edges():
+    assert resolve("ties", 1, None, {"density": 1})[2]["density"] == [1.0]
+    assert resolve("breadcrumbs", 2, None, {"gamma": 0.1, "density": 0.9})[2]["gamma"] == 0.1
+    assert resolve("della", 2, None, {"density": 0.5, "epsilon": 0.99})[2]["epsilon"] == 0.99
+    assert resolve("linear", 2, [1.0, -1.0], {"normalize": False})[1] == [1.0, -1.0]
+    assert resolve("dare_linear", 2, None, {"seed": 2**40})[2]["seed"] == 2**40
+    with pytest.raises(ParameterError, match="need at least one input"):
+        resolve("ties", 0, None, {})
+
+
+def test_coefficients():
+    lin = METHODS["linear"]
+    assert lin.coefficients([1.0, 3.0], {"normalize": True}) == [0.25, 0.75]
+    assert lin.coefficients([1.0, 3.0], {"normalize": False}) == [1.0, 3.0]
+    assert lin.coefficients([2.0, 2.0], {}) == [0.5, 0.5]  # default normalize
+    assert METHODS["task_arithmetic"].coefficients([1.0, -0.5], {"scale": 2.0}) == [2.0, -1.0]
+    assert METHODS["cat"].coefficients([0.3, 0.7], {}) == [0.3, 0.7]
+    with pytest.raises(ParameterError, match="no linear coefficients"):
+        METHODS["ties"].coefficients([1.0, 1.0], {})
+
+
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "cat"])
+def test_coefficients_reproduce_the_operator_exactly(name):
+    xs = [torch.randn(6, 7) for _ in range(3)]
+    m, w, p = resolve(name, 3, [0.7, -0.2, 0.9], {"scale": 1.7} if name == "task_arithmetic" else {})
+    c = m.coefficients(w, p)
+    expected = (xs[0] * torch.tensor(c[0], dtype=torch.float32))
+    for x, ci in zip(xs[1:], c[1:]):
+        expected = expected + x * torch.tensor(ci, dtype=torch.float32)
+    assert torch.equal(m.fn(xs, w, **p), expected)
+
+
+def test_describe_is_json_and_complete():
+    info = describe()
+    json.dumps(info)
+    assert [d["name"] for d in info] == list(METHODS)
+    ties = next(d for d in info if d["name"] == "ties")
+    assert ties["kind"] == "elementwise" and ties["stochastic"] is False
+    density = next(p for p in ties["params"] if p["name"] == "density")
+    assert density == {
+        "name": "density", "type": "float", "default": 0.2, "range": "(0, 1]", "choices": None, "per_input": True,
+        "help": density["help"],
+    }
+    majority = next(p for p in ties["params"] if p["name"] == "majority_sign")
+    assert majority["choices"] == ["total", "frequency"] and majority["range"] is None
+    gamma = next(p for p in next(d for d in info if d["name"] == "breadcrumbs")["params"] if p["name"] == "gamma")
+    assert gamma["range"] == "[0, 1)"
+    assert next(d for d in info if d["name"] == "cat")["params"] == []
+
+
+def test_param_range_text():
+    P = registry.Param
+    assert P("x", float, 0.0, "h").range_text() is None
+    assert P("x", float, 0.0, "h", low=0.0).range_text() == "[0, inf)"
+    assert P("x", float, 0.0, "h", high=2.5, high_inclusive=False).range_text() == "(-inf, 2.5)"
