@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: E402
 from .adapter import Adapter, LoraModule, load_adapter  # noqa: E402
+from .diagnostics import analyze, pairwise_cosine  # noqa: E402
 from .engine import merge, merge_to  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterMergeError,
@@ -27,6 +28,8 @@ __all__ = [
     "load_adapter",
     "merge",
     "merge_to",
+    "analyze",
+    "pairwise_cosine",
     "ops",
     "METHODS",
     "methods",
