@@ -1,0 +1,185 @@
+"""The WeaveRec comparison report: a markdown table, a JSON file and a bar chart.
+
+Every row is a mean over the test users with a 95% percentile-bootstrap interval; WeaveRec is compared with the
+target-only LoRA by a paired bootstrap over the same users; metrics are also broken down by the length of the
+user's target-domain history (cold start); the inference cost of the merged model is set next to the target-only
+model's; and the adapter diagnostics show how the modules relate (the mechanism the paper describes: hybrid modules
+agree more with the target module than source-only modules do).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from .config import RunConfig
+from .pipeline import Prepared, _write_json, eval_rows
+
+METRICS_LIKELIHOOD = ["HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR"]
+METRICS_GENERATE = ["NDCG@1", "NDCG@3", "NDCG@5", "MRR@5"]
+
+
+def _fmt(s: Mapping[str, float]) -> str:
+    return f"{s['mean']:.4f} [{s['low']:.3f}, {s['high']:.3f}]"
+
+
+def _module_diagnostics(cfg: RunConfig) -> dict[str, Any] | None:
+    """Cosine similarity of the trained modules' whole deltas, computed from the LoRA factors."""
+    try:
+        from adaptermerge.diagnostics import pairwise_cosine
+    except ImportError:  # pragma: no cover - diagnostics ship with the core
+        return None
+    mdir = cfg.run_dir / "modules"
+    names = [n for n in ["target", *[f"hybrid-{s}" for s in cfg.data.sources], *[f"source-{s}" for s in cfg.data.sources], "pooled"]
+             if (mdir / n / "adapter_model.safetensors").exists()]
+    if len(names) < 2:
+        return None
+    c = pairwise_cosine([mdir / n for n in names])
+    return {"modules": names, "cosine": np.round(c, 4).tolist()}
+
+
+def write_report(cfg: RunConfig, prep: Prepared, results: Mapping[str, dict], trained: Mapping[str, Any] | None = None,
+                 *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from . import metrics as M
+
+    rdir = cfg.run_dir / "report"
+    rdir.mkdir(parents=True, exist_ok=True)
+    names = [r["name"] for r in eval_rows(cfg) if r["name"] in results]
+    metric_names = METRICS_GENERATE if cfg.eval.protocol == "generate" else METRICS_LIKELIHOOD
+    summaries: dict[str, dict[str, dict]] = {}
+    for n in names:
+        pu = {k: v for k, v in results[n]["per_user"].items() if k in metric_names}
+        summaries[n] = {k: s.as_dict() for k, s in M.summarize(pu, n_boot=cfg.eval.n_boot, seed=cfg.seed).items()}
+    weaverec = next((m.name for m in cfg.merges if m.modules == "hybrid" and m.name in results), None)
+    diffs: dict[str, dict] = {}
+    if weaverec:
+        for other in ["Target-only LoRA", "Data merging (pooled LoRA)", *[m.name for m in cfg.merges if m.modules == "source"]]:
+            if other in results:
+                a = {k: results[weaverec]["per_user"][k] for k in metric_names}
+                b = {k: results[other]["per_user"][k] for k in metric_names}
+                d = M.paired_difference(a, b, n_boot=cfg.eval.n_boot, seed=cfg.seed)
+                diffs[f"{weaverec} - {other}"] = {k: v.as_dict() for k, v in d.items()}
+    key_metric = "NDCG@10" if "NDCG@10" in metric_names else "NDCG@5"
+    buckets: dict[str, dict] = {}
+    edges = tuple(cfg.eval.buckets)
+    labels = M.bucket_labels(edges)
+    lens = np.array([s.full_history_len for s in prep.target_test], dtype=np.int64)
+    counts = {lab: int(len(idx)) for lab, idx in M.bucket_users(lens, edges).items()}
+    for n in names:
+        r = results[n]
+        by = M.summarize_by_bucket({key_metric: r["per_user"][key_metric]}, np.array(r["full_history_len"], dtype=np.int64),
+                                   edges, n_boot=cfg.eval.n_boot, seed=cfg.seed)
+        buckets[n] = {lab: (None if v is None else v[key_metric].as_dict()) for lab, v in by.items()}
+    cost = {n: {k: results[n].get(k) for k in ("parameters", "latency", "threads") if k in results[n]} for n in names if results[n]["kind"] == "llm"}
+    training = {}
+    for mod in sorted((cfg.run_dir / "modules").glob("*/train_log.json")):
+        lg = json.loads(mod.read_text())
+        training[mod.parent.name] = {k: lg.get(k) for k in ("steps", "seconds", "samples_per_second", "n_samples")}
+        training[mod.parent.name]["final_loss"] = (lg.get("losses") or [None])[-1]
+    diag = _module_diagnostics(cfg) if cfg.eval.diagnostics else None
+    compute_seconds = sum(v["seconds"] or 0 for v in training.values()) + sum(results[n].get("seconds", 0) for n in names)
+    report = {
+        "config": cfg.name,
+        "config_path": cfg.source_path,
+        "target": cfg.data.target,
+        "sources": cfg.data.sources,
+        "protocol": cfg.eval.protocol,
+        "n_test_users": len(prep.target_test),
+        "data": prep.stats.get("samples"),
+        "rows": summaries,
+        "paired_differences": diffs,
+        "cold_start": {"metric": key_metric, "buckets": labels, "users_per_bucket": counts, "rows": buckets},
+        "inference_cost": cost,
+        "training": training,
+        "module_cosine": diag,
+        "compute_seconds": round(compute_seconds, 1),
+        "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()},
+        "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    _write_json(rdir / "report.json", report)
+    (rdir / "report.md").write_text(_markdown(report, metric_names, key_metric))
+    _bar_chart(report, key_metric, rdir / "report.png")
+    log(f"report: {rdir / 'report.md'}")
+    log("\n" + _table(report, metric_names))
+    return report
+
+
+def _table(report: dict, metric_names: list[str]) -> str:
+    head = "| model | " + " | ".join(metric_names) + " |"
+    sep = "|---|" + "---|" * len(metric_names)
+    lines = [head, sep]
+    for n, s in report["rows"].items():
+        lines.append(f"| {n} | " + " | ".join(_fmt(s[m]) for m in metric_names) + " |")
+    return "\n".join(lines)
+
+
+def _markdown(report: dict, metric_names: list[str], key_metric: str) -> str:
+    out = [f"# WeaveRec report: {report['config']}", ""]
+    out.append(f"Target domain **{report['target']}**, source domains {', '.join(report['sources'])}; "
+               f"{report['n_test_users']} test users; protocol `{report['protocol']}`; "
+               f"mean over users with 95% bootstrap intervals.")
+    out.append(f"Training samples: {report['data']}.")
+    out += ["", _table(report, metric_names), ""]
+    if report["paired_differences"]:
+        out += ["## Paired differences (same users, paired bootstrap)", "", "| comparison | " + " | ".join(metric_names) + " |",
+                "|---|" + "---|" * len(metric_names)]
+        for name, d in report["paired_differences"].items():
+            out.append(f"| {name} | " + " | ".join(f"{d[m]['mean']:+.4f} [{d[m]['low']:+.3f}, {d[m]['high']:+.3f}] p={d[m]['p_value']:.3f}" for m in metric_names) + " |")
+        out.append("")
+    cs = report["cold_start"]
+    out += [f"## Cold start: {cs['metric']} by the user's target-domain history length", "",
+            "| model | " + " | ".join(f"{b} ({cs['users_per_bucket'].get(b, 0)} users)" for b in cs["buckets"]) + " |",
+            "|---|" + "---|" * len(cs["buckets"])]
+    for n, row in cs["rows"].items():
+        out.append(f"| {n} | " + " | ".join("-" if row[b] is None else _fmt(row[b]) for b in cs["buckets"]) + " |")
+    out.append("")
+    if report["inference_cost"]:
+        out += ["## Inference cost (adapter folded into the base weights)", "", "| model | parameters | scoring latency per user (median ms) | threads |", "|---|---|---|---|"]
+        for n, c in report["inference_cost"].items():
+            lat = c.get("latency") or {}
+            out.append(f"| {n} | {c.get('parameters', '-'):,} | {lat.get('median_ms', float('nan')):.0f} | {c.get('threads', '-')} |")
+        out.append("")
+    if report["module_cosine"]:
+        d = report["module_cosine"]
+        out += ["## How the modules relate (cosine similarity of their whole deltas)", "", "| | " + " | ".join(d["modules"]) + " |",
+                "|---|" + "---|" * len(d["modules"])]
+        for name, row in zip(d["modules"], d["cosine"]):
+            out.append(f"| {name} | " + " | ".join(f"{x:.3f}" for x in row) + " |")
+        out.append("")
+    if report["training"]:
+        out += ["## Training", "", "| module | samples | steps | final loss | seconds |", "|---|---|---|---|---|"]
+        for n, t in report["training"].items():
+            fl = t.get("final_loss")
+            out.append(f"| {n} | {t.get('n_samples')} | {t.get('steps')} | {fl if fl is None else f'{fl:.3f}'} | {t.get('seconds') or 0:.0f} |")
+        out.append("")
+    out.append(f"Compute time recorded for training and evaluation: {report['compute_seconds']:.0f} s.")
+    return "\n".join(out) + "\n"
+
+
+def _bar_chart(report: dict, metric: str, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = list(report["rows"])
+    means = [report["rows"][n][metric]["mean"] for n in names]
+    lo = [m - report["rows"][n][metric]["low"] for n, m in zip(names, means)]
+    hi = [report["rows"][n][metric]["high"] - m for n, m in zip(names, means)]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
+    colors = ["#c44e52" if "WeaveRec" in n else "#4c72b0" if "LoRA" in n or "merging" in n else "#8c8c8c" for n in names]
+    ax.barh(range(len(names)), means, xerr=[lo, hi], color=colors, capsize=3)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{metric} (95% bootstrap CI), {report['n_test_users']} test users")
+    ax.set_title(f"{report['config']}: target {report['target']}, sources {', '.join(report['sources'])}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,385 @@
+"""Evaluation with an LLM recommender: candidate log-likelihoods, greedy top-k generation, latency.
+
+Candidate scoring
+    For each sample, every candidate title is scored as the assistant answer to the "next" prompt: the sum of the
+    log-probabilities of its tokens plus the end-of-turn token (and the length-normalised mean). The prompt is run
+    once per sample; its KV cache is then replicated over that sample's candidates and all candidate continuations
+    are scored in one batched forward pass. Prompts of a batch are left-padded (explicit position ids), candidate
+    continuations right-padded; the result equals scoring every prompt + candidate separately (to float rounding).
+
+Threads
+    Nothing here changes torch's thread count: the caller's ``torch.set_num_threads`` / ``OMP_NUM_THREADS`` rule.
+    Latency figures are only comparable at equal thread counts, so :class:`LatencyStats` records it.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from adaptermerge.errors import ParameterError
+
+from .prompts import PromptConfig, PromptEncoder, parse_titles
+from .types import Sample
+
+
+@dataclass(frozen=True)
+class CandidateScores:
+    """Per-candidate log-likelihood of one sample, in the sample's candidate order."""
+
+    logprob_sum: np.ndarray  # float64, shape (C,)
+    n_tokens: np.ndarray  # int64, shape (C,): title tokens + end-of-turn token(s)
+    n_history: int  # history titles kept in the prompt (after max_seq_len trimming)
+
+    @property
+    def logprob_mean(self) -> np.ndarray:
+        """Length-normalised log-likelihood (mean per answer token)."""
+        return self.logprob_sum / self.n_tokens
+
+
+def _pad_left(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _pad_right(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids_from_mask(mask: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions 0.. counted over real tokens only (left padding gets 0), plus an optional per-row offset."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return pos if offset is None else pos + offset[:, None]
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """Name of the KV-cache argument of the model's forward: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def _output_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _batches(n: int, size: int) -> Iterator[range]:
+    for start in range(0, n, size):
+        yield range(start, min(n, start + size))
+
+
+def progress_bar(enabled: bool, *extra_columns):
+    """A rich progress bar on stderr (description, bar, m/n, extra columns, elapsed, remaining), or a null context."""
+    if not enabled:
+        return nullcontext(None)
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *extra_columns,
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] (float32 math, float64 result), without materialising the full log-softmax."""
+    logits = logits.float()
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (picked - torch.logsumexp(logits, dim=-1)).double()
+
+
+@torch.inference_mode()
+def _score_batch(model, pad_id: int, inputs: Sequence, max_rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Score the candidates of a batch of ScoringInputs: one prompt pass, then candidate passes of <= max_rows rows.
+
+    Each candidate row gets a copy of its prompt's KV cache (the cache API appends per row), so ``max_rows`` bounds
+    the memory of the candidate pass: about rows x (prompt + answer) tokens x layers x 2 x kv width.
+    """
+    from transformers import DynamicCache
+
+    device = _model_device(model)
+    p_ids, p_mask = _pad_left([x.prompt_ids for x in inputs], pad_id, device)
+    cache_arg = _cache_kwarg(model)
+    out = model(
+        input_ids=p_ids,
+        attention_mask=p_mask,
+        position_ids=position_ids_from_mask(p_mask),
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_arg: DynamicCache()},
+    )
+    last_logits = out.logits[:, -1, :]  # (B, V): predicts each answer's first token
+    prompt_cache = _output_cache(out)
+    prompt_len = p_mask.sum(-1)
+
+    owner = [b for b, x in enumerate(inputs) for _ in x.candidate_ids]
+    rows = [c for x in inputs for c in x.candidate_ids]
+    sums = np.zeros(len(rows), dtype=np.float64)
+    counts = np.zeros(len(rows), dtype=np.int64)
+    for lo in range(0, len(rows), max_rows):
+        hi = min(len(rows), lo + max_rows)
+        own = torch.tensor(owner[lo:hi], dtype=torch.long, device=device)
+        cache = copy.deepcopy(prompt_cache)
+        cache.batch_select_indices(own)
+        c_ids, c_mask = _pad_right(rows[lo:hi], pad_id, device)
+        out = model(
+            input_ids=c_ids,
+            attention_mask=torch.cat([p_mask[own], c_mask], dim=1),
+            position_ids=position_ids_from_mask(c_mask) + prompt_len[own][:, None],
+            use_cache=True,
+            **{cache_arg: cache},
+        )
+        tok_logp = torch.empty(c_ids.shape, dtype=torch.float64, device=device)
+        tok_logp[:, 0] = _token_logprobs(last_logits[own], c_ids[:, 0])
+        if c_ids.shape[1] > 1:  # position j of the candidate pass predicts candidate token j + 1
+            tok_logp[:, 1:] = _token_logprobs(out.logits[:, :-1, :], c_ids[:, 1:])
+        sums[lo:hi] = (tok_logp * c_mask).sum(-1).cpu().numpy()
+        counts[lo:hi] = c_mask.sum(-1).cpu().numpy()
+        del out, cache
+    result, start = [], 0
+    for x in inputs:
+        n = len(x.candidate_ids)
+        result.append((sums[start : start + n], counts[start : start + n]))
+        start += n
+    return result
+
+
+def score_candidates_detailed(
+    model,
+    tokenizer,
+    samples: Sequence[Sample],
+    *,
+    prompt: PromptConfig | None = None,
+    batch_size: int = 4,
+    max_rows: int = 32,
+    max_seq_len: int | None = None,
+    progress: bool = False,
+) -> list[CandidateScores]:
+    """Log-likelihood of every candidate of every sample (see the module docstring).
+
+    ``batch_size`` is the number of samples whose prompts run in one forward pass; their candidates are then scored
+    ``max_rows`` at a time, each row with a copy of its prompt's KV cache (memory ~ max_rows x prompt length).
+    ``max_seq_len`` trims the oldest history titles exactly as training does.
+    """
+    if batch_size < 1 or max_rows < 1:
+        raise ParameterError(f"batch_size and max_rows must be >= 1, got {batch_size} and {max_rows}")
+    encoder = PromptEncoder(tokenizer, prompt)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    results: list[CandidateScores] = []
+    try:
+        with progress_bar(progress) as bar:
+            task = bar.add_task("scoring users", total=len(samples)) if bar else None
+            for idx in _batches(len(samples), batch_size):
+                inputs = [encoder.encode_scoring(samples[i], max_seq_len) for i in idx]
+                for x, (sums, counts) in zip(inputs, _score_batch(model, pad_id, inputs, max_rows)):
+                    results.append(CandidateScores(sums, counts, x.n_history))
+                if bar:
+                    bar.update(task, advance=len(idx))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def score_candidates(
+    model,
+    tokenizer,
+    samples: Sequence[Sample],
+    *,
+    prompt: PromptConfig | None = None,
+    batch_size: int = 4,
+    max_rows: int = 32,
+    max_seq_len: int | None = None,
+    reduction: str = "sum",
+    progress: bool = False,
+) -> list[np.ndarray]:
+    """Per-sample arrays of candidate scores (higher = more likely): ``reduction`` "sum" or "mean" (per token)."""
+    if reduction not in ("sum", "mean"):
+        raise ParameterError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    detailed = score_candidates_detailed(
+        model,
+        tokenizer,
+        samples,
+        prompt=prompt,
+        batch_size=batch_size,
+        max_rows=max_rows,
+        max_seq_len=max_seq_len,
+        progress=progress,
+    )
+    return [d.logprob_sum if reduction == "sum" else d.logprob_mean for d in detailed]
+
+
+# ------------------------------------------------------------------------------------------------------ generation
+def _max_new_tokens(encoder: PromptEncoder, sample: Sample, k: int) -> int:
+    """Room for the k longest candidate titles, separators and the end-of-turn token."""
+    lengths = sorted((len(encoder.answer_ids(t)) for t in sample.candidate_titles), reverse=True)
+    sep = len(encoder.answer_ids(encoder.cfg.separator))
+    return sum(lengths[:k]) + k * sep + 8
+
+
+@torch.inference_mode()
+def generate_topk(
+    model,
+    tokenizer,
+    samples: Sequence[Sample],
+    *,
+    k: int = 5,
+    prompt: PromptConfig | None = None,
+    batch_size: int = 4,
+    max_seq_len: int | None = None,
+    progress: bool = False,
+) -> list[list[str]]:
+    """Greedy generation with the authors' "pick and order the top k" prompt; returns the parsed titles per sample.
+
+    Titles are split on "||", stripped and de-duplicated; at most ``k`` are kept. They are not forced to be
+    candidates (the authors match titles exactly; see :func:`titles_to_candidate_indices`).
+    """
+    from dataclasses import replace
+
+    cfg = replace(prompt or PromptConfig(), top_k=k)
+    encoder = PromptEncoder(tokenizer, cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    out: list[list[str]] = []
+    try:
+        with progress_bar(progress) as bar:
+            task = bar.add_task("generating top-k", total=len(samples)) if bar else None
+            for idx in _batches(len(samples), batch_size):
+                budgets = [_max_new_tokens(encoder, samples[i], k) for i in idx]
+                rows = [encoder.encode_generation(samples[i], b, max_seq_len) for i, b in zip(idx, budgets)]
+                ids, mask = _pad_left(rows, pad_id, device)
+                gen = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max(budgets),
+                    do_sample=False,
+                    num_beams=1,
+                    eos_token_id=list(encoder.end_ids),
+                    pad_token_id=pad_id,
+                )
+                for row, budget in zip(gen[:, ids.shape[1] :], budgets):  # same length cap whatever the batching
+                    out.append(parse_titles(tokenizer.decode(row[:budget], skip_special_tokens=True), k))
+                if bar:
+                    bar.update(task, advance=len(idx))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def titles_to_candidate_indices(titles: Sequence[str], candidate_titles: Sequence[str]) -> list[int]:
+    """Candidate positions of generated titles by exact (whitespace-stripped) match; unmatched titles dropped."""
+    index: dict[str, int] = {}
+    for i, t in enumerate(candidate_titles):
+        index.setdefault(t.strip(), i)
+    seen: list[int] = []
+    for t in titles:
+        i = index.get(t.strip())
+        if i is not None and i not in seen:
+            seen.append(i)
+    return seen
+
+
+# --------------------------------------------------------------------------------------------------------- latency
+@dataclass(frozen=True)
+class LatencyStats:
+    """Wall-clock time to score all candidates of one user (batch of one), in milliseconds."""
+
+    n_users: int
+    mean_ms: float
+    median_ms: float
+    p95_ms: float
+    threads: int
+    device: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def measure_scoring_latency(
+    model,
+    tokenizer,
+    samples: Sequence[Sample],
+    *,
+    prompt: PromptConfig | None = None,
+    max_seq_len: int | None = None,
+    warmup: int = 1,
+) -> LatencyStats:
+    """Score each sample alone (one user per call) and time it; ``warmup`` first calls are not timed.
+
+    Records ``torch.get_num_threads()``: state it with any benchmark, latencies differ across thread counts.
+    """
+    if len(samples) <= warmup:
+        raise ParameterError(f"latency needs more samples ({len(samples)}) than warmup calls ({warmup})")
+    device = _model_device(model)
+    times = []
+    for i, s in enumerate(samples):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        score_candidates_detailed(model, tokenizer, [s], prompt=prompt, batch_size=1, max_seq_len=max_seq_len)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1000.0)
+    times.sort()
+    p95 = times[min(len(times) - 1, math.ceil(0.95 * len(times)) - 1)]
+    return LatencyStats(
+        n_users=len(times),
+        mean_ms=statistics.fmean(times),
+        median_ms=statistics.median(times),
+        p95_ms=p95,
+        threads=torch.get_num_threads(),
+        device=str(device),
+    )
+
+
+__all__ = [
+    "CandidateScores",
+    "LatencyStats",
+    "generate_topk",
+    "measure_scoring_latency",
+    "position_ids_from_mask",
+    "score_candidates",
+    "score_candidates_detailed",
+    "titles_to_candidate_indices",
+]
