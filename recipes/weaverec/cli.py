@@ -22,9 +22,25 @@ THREADS = typer.Option(None, "--threads", help="torch threads (default: the conf
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 
+def _quiet_libraries() -> None:
+    """Silence library chatter (weight-loading bars, deprecation notices) that would drown the pipeline's log."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def _load(config: Path, threads: Optional[int]):
     import torch
 
+    _quiet_libraries()
     from .config import load_config
 
     cfg = load_config(config)

@@ -178,8 +178,15 @@ def module_samples(cfg: RunConfig, prep: Prepared) -> dict[str, list[Sample]]:
     if cfg.train_baselines:
         for s in prep.sources:
             mods[f"source-{s}"] = list(prep.source_train[s])
-        mods["pooled"] = list(prep.target_train) + [x for s in prep.sources for x in prep.source_train[s]]
+        if len(prep.sources) > 1:  # with one source the pooled data is exactly the hybrid module's data
+            mods["pooled"] = list(prep.target_train) + [x for s in prep.sources for x in prep.source_train[s]]
     return mods
+
+
+def pooled_module(cfg: RunConfig) -> Path:
+    """The data-merging module: trained on all domains pooled (the hybrid module itself when there is one source)."""
+    name = "pooled" if len(cfg.data.sources) > 1 else f"hybrid-{cfg.data.sources[0]}"
+    return cfg.run_dir / "modules" / name
 
 
 def base_model_dir(cfg: RunConfig) -> Path:
@@ -264,8 +271,8 @@ def eval_rows(cfg: RunConfig) -> list[dict[str, Any]]:
         rows.append({"name": "Base model (zero-shot)", "kind": "llm", "adapter": None})
     rows.append({"name": "Target-only LoRA", "kind": "llm", "adapter": cfg.run_dir / "modules" / "target"})
     if cfg.train_baselines:
-        rows.append({"name": "Data merging (pooled LoRA)", "kind": "llm", "adapter": cfg.run_dir / "modules" / "pooled"})
-    for s in cfg.data.sources if cfg.eval.hybrid_rows else []:
+        rows.append({"name": "Data merging (pooled LoRA)", "kind": "llm", "adapter": pooled_module(cfg)})
+    for s in cfg.data.sources if cfg.eval.hybrid_rows and len(cfg.data.sources) > 1 else []:
         rows.append({"name": f"Hybrid LoRA ({cfg.data.target}+{s}) alone", "kind": "llm", "adapter": cfg.run_dir / "modules" / f"hybrid-{s}"})
     for spec in cfg.merges:
         rows.append({"name": spec.name, "kind": "llm", "adapter": cfg.run_dir / "merged" / _slug(spec.name), "merge": spec.name})

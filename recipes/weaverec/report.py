@@ -125,6 +125,8 @@ def _markdown(report: dict, metric_names: list[str], key_metric: str) -> str:
                f"mean over users with 95% bootstrap intervals.")
     out.append(f"Training samples: {report['data']}.")
     out += ["", _table(report, metric_names), ""]
+    if len(report["sources"]) == 1:
+        out += ["With one source domain the pooled (data merging) module is the hybrid module itself: same data.", ""]
     if report["paired_differences"]:
         out += ["## Paired differences (same users, paired bootstrap)", "", "| comparison | " + " | ".join(metric_names) + " |",
                 "|---|" + "---|" * len(metric_names)]
