@@ -11,6 +11,7 @@ from ``rank_pattern`` / ``alpha_pattern`` when a pattern matches (first matching
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -25,7 +26,16 @@ from typing import Any, Literal, Mapping
 import torch
 
 from .errors import IncompatibleInputsError, InputError, OutputError, ParameterError
-from .safetensors_io import FLOAT_DTYPES, SafetensorsHeader, SafetensorsWriter, read_header, read_tensor
+from .safetensors_io import (
+    FLOAT_DTYPES,
+    SafetensorsHeader,
+    SafetensorsWriter,
+    canonical_sha256,
+    clean_stale_temps,
+    read_header,
+    read_tensor,
+    temp_prefix,
+)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 #: Metadata key adaptermerge writes: every module's scale is 1 (alpha = r), the scale lives in lora_B.
@@ -131,10 +141,12 @@ class Adapter:
         return self._header.path if self._header is not None else None
 
     def sha256(self) -> str:
-        """sha256 of the weights file (of the canonical serialisation for in-memory adapters)."""
+        """sha256 of the weights file's canonical form (:func:`canonical_sha256`: independent of the order of its
+        tensors and header keys, equal to ``sha256sum`` for canonically laid out files), or of the tensors of an
+        in-memory adapter."""
         if self._sha is None:
             if self._header is not None:
-                self._sha = file_sha256(self._header.path)
+                self._sha = canonical_sha256(self._header)
             else:
                 h = hashlib.sha256()
                 for k in sorted(self._tensors or {}):
@@ -174,7 +186,7 @@ class Adapter:
         target = Path(path)
         out_dtype = resolve_output_dtype(dtype, self.dtype)
         with OutputTarget(target, force=force, inputs=[]) as out:
-            writer = SafetensorsWriter(out.weights_path)
+            writer = SafetensorsWriter(out.weights_path, display=out.target)
             with writer:
                 for m in self.modules.values():
                     b, a = self.factors(m.name, check_finite=False)
@@ -215,20 +227,55 @@ def _read_config(path: Path) -> dict[str, Any]:
         cfg = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except (ValueError, RecursionError):  # integers past the digit limit, absurd nesting
+        raise InputError(f"{path}: not valid JSON (a number too long or nesting too deep)") from None
     if not isinstance(cfg, dict):
         raise InputError(f"{path}: expected a JSON object")
     return cfg
 
 
+def _short(v: Any, limit: int = 60) -> str:
+    """repr of a config value, cut short: a hostile file must not turn an error message into megabytes."""
+    try:
+        text = repr(v)
+    except ValueError:  # an int past the digit limit cannot even be printed
+        text = f"<int of {v.bit_length()} bits>"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _sane_number(v: Any) -> bool:
+    """A JSON number usable as r/alpha: not a bool, finite, and (for ints) exactly representable as a float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return abs(v) <= 2**53 if isinstance(v, int) else math.isfinite(v)
+
+
 def _number(cfg: Mapping[str, Any], key: str, where: str, *, positive: bool, integer: bool = False) -> float:
     v = cfg[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise InputError(f"{where}: {key} must be a number, got {v!r}")
+    if not _sane_number(v):
+        raise InputError(f"{where}: {key} must be a number, got {_short(v)}")
     if integer and int(v) != v:
-        raise InputError(f"{where}: {key} must be an integer, got {v!r}")
+        raise InputError(f"{where}: {key} must be an integer, got {_short(v)}")
     if positive and v <= 0:
-        raise InputError(f"{where}: {key} must be > 0, got {v!r}")
+        raise InputError(f"{where}: {key} must be > 0, got {_short(v)}")
     return v
+
+
+def _locate(p: Path) -> tuple[Path, Path | None]:
+    """(weights file, adapter_config.json or None) of an adapter path. May raise OSError (permissions)."""
+    if p.is_dir():
+        weights, cfg_path = p / WEIGHTS_NAME, p / CONFIG_NAME
+        if not weights.exists():
+            others = sorted(x.name for x in p.iterdir() if x.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+            hint = f" (found {', '.join(others)}: pickle files are never unpickled; convert to safetensors)" if others else ""
+            raise InputError(f"{p}: no {WEIGHTS_NAME} in this directory{hint}")
+        if not cfg_path.exists():
+            raise InputError(f"{p}: no {CONFIG_NAME} in this directory")
+        return weights, cfg_path
+    if p.exists() or p.suffix:
+        cfg_path = p.parent / CONFIG_NAME if p.name == WEIGHTS_NAME else None
+        return p, cfg_path if cfg_path is not None and cfg_path.exists() else None
+    raise InputError(f"{p}: no such file or directory")
 
 
 def load_adapter(
@@ -243,21 +290,10 @@ def load_adapter(
     With ``require_alpha=False`` a bare file without alpha is opened with alpha = r (scale 1), and a note says so.
     """
     p = Path(path)
-    if p.is_dir():
-        weights, cfg_path = p / WEIGHTS_NAME, p / CONFIG_NAME
-        if not weights.exists():
-            others = sorted(x.name for x in p.iterdir() if x.suffix in {".bin", ".pt", ".pth", ".ckpt"})
-            hint = f" (found {', '.join(others)}: pickle files are never unpickled; convert to safetensors)" if others else ""
-            raise InputError(f"{p}: no {WEIGHTS_NAME} in this directory{hint}")
-        if not cfg_path.exists():
-            raise InputError(f"{p}: no {CONFIG_NAME} in this directory")
-    elif p.exists() or p.suffix:
-        weights = p
-        cfg_path = p.parent / CONFIG_NAME if p.name == WEIGHTS_NAME else None
-        if cfg_path is not None and not cfg_path.exists():
-            cfg_path = None
-    else:
-        raise InputError(f"{p}: no such file or directory")
+    try:
+        weights, cfg_path = _locate(p)
+    except OSError as e:  # e.g. a folder without search (x) permission
+        raise InputError(f"{e.filename or p}: cannot access: {e.strerror or e}") from None
     header = read_header(weights)
     notes: list[str] = []
     where = str(cfg_path or weights)
@@ -343,8 +379,12 @@ def _build_adapter(
         if not isinstance(pat, dict):
             raise InputError(f"{where}: {label} must be an object")
         for k, v in pat.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (label == "rank_pattern" and (v <= 0 or int(v) != v)):
-                raise InputError(f"{where}: {label}[{k!r}] = {v!r} is not a valid {'rank' if label == 'rank_pattern' else 'alpha'}")
+            try:
+                re.compile(k)
+            except (re.error, RecursionError, OverflowError, ValueError):
+                raise InputError(f"{where}: {label} key {_short(k)} is not a valid regular expression") from None
+            if not _sane_number(v) or (label == "rank_pattern" and (v <= 0 or int(v) != v)):
+                raise InputError(f"{where}: {label}[{_short(k)}] = {_short(v)} is not a valid {'rank' if label == 'rank_pattern' else 'alpha'}")
     used_patterns: set[tuple[str, str]] = set()
     modules: dict[str, LoraModule] = {}
     for name in sorted(pairs):
@@ -465,13 +505,17 @@ class OutputTarget:
         parent = self.target.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            blocker = next((q for q in (parent, *parent.parents) if os.path.lexists(q) and not q.is_dir()), parent)
+            raise OutputError(f"{blocker}: is a file, not a folder: cannot create the output folder {parent}") from None
         except OSError as e:
             raise OutputError(f"{parent}: cannot create output folder: {e.strerror or e}") from None
         if not os.access(parent, os.W_OK):
             raise OutputError(f"{parent}: output folder is not writable")
+        self.cleaned = clean_stale_temps(parent)  # leftovers of killed runs (dead pids on this host only)
         if not self.is_file:
             try:
-                self._tmpdir = Path(tempfile.mkdtemp(prefix=".adaptermerge-tmp-", dir=parent))
+                self._tmpdir = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=parent))
             except OSError as e:
                 raise OutputError(f"{parent}: cannot create a folder there: {e.strerror or e}") from None
         return self
@@ -495,6 +539,7 @@ class OutputTarget:
             if self.is_file:
                 os.replace(self._weights_tmp, self.target)
                 self._weights_tmp = None
+                _fsync_dir(self.target.parent)
             else:
                 cfg_path = self._tmpdir / CONFIG_NAME
                 with open(cfg_path, "w", encoding="utf-8") as f:
@@ -502,8 +547,10 @@ class OutputTarget:
                     f.write("\n")
                     f.flush()
                     os.fsync(f.fileno())
+                _fsync_dir(self._tmpdir)
                 _replace_dir(self._tmpdir, self.target)
                 self._tmpdir = None
+                _fsync_dir(self.target.parent)
         except OSError as e:
             self._cleanup()
             raise OutputError(f"{self.target}: write failed: {e.strerror or e}") from None
@@ -515,12 +562,67 @@ class OutputTarget:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
+def _check_replaceable_dir(target: Path) -> None:
+    """``--force`` replaces an empty folder or an adapter folder (adapter files, no sub-folders), nothing else."""
+    try:
+        entries = list(target.iterdir())
+    except OSError as e:
+        raise OutputError(f"{target}: cannot list the existing output folder: {e.strerror or e}") from None
+    names = {e.name for e in entries}
+    if not entries:
+        return
+    if not names & {WEIGHTS_NAME, CONFIG_NAME}:
+        why = "it holds no adapter_config.json or adapter_model.safetensors"
+    elif any(e.is_dir() and not e.is_symlink() for e in entries):
+        why = "it has sub-folders"
+    else:
+        return
+    raise OutputError(f"{target} is not an adapter directory ({why}); refusing to replace it even with --force: remove it yourself or choose another output")
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a folder's entries (renames) durable; best effort (some file systems cannot fsync a folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``). False where the OS or file system cannot."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError, ImportError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory onto ``dst``; an existing ``dst`` is swapped out first and removed after."""
+    """Move a finished directory onto ``dst``. An existing ``dst`` is swapped with it atomically where the OS can
+    (so ``dst`` always holds the old or the new output, whenever the process dies), else renamed aside first; the
+    old one is then removed."""
     if not dst.exists():
         os.replace(src, dst)
         return
-    old = Path(tempfile.mkdtemp(prefix=".adaptermerge-tmp-old-", dir=dst.parent))
+    if not dst.is_symlink() and _rename_exchange(src, dst):
+        shutil.rmtree(src, ignore_errors=True)  # src now holds the old output (a named temporary if we die here)
+        return
+    old = Path(tempfile.mkdtemp(prefix=temp_prefix("old-"), dir=dst.parent))
     os.rmdir(old)
     os.replace(dst, old)
     try:
@@ -528,20 +630,28 @@ def _replace_dir(src: Path, dst: Path) -> None:
     except OSError:
         os.replace(old, dst)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink():  # the output was a link to a folder: drop the link, never the folder it points to
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_output_path(target: Path, *, force: bool, inputs: list[Path]) -> None:
-    """Refuse an output that exists without ``force``, or that lies inside (or is) an input."""
+    """Refuse an output that exists without ``force``, that lies inside (or is) an input or contains one, or
+    (even with ``force``) an existing folder that is not an adapter folder: replacing it would delete it."""
     t = target.resolve()
     for i in inputs:
         ip = Path(i).resolve()
-        base = ip if ip.is_dir() else ip.parent if ip.name == WEIGHTS_NAME else None
+        base = ip if os.path.isdir(ip) else ip.parent if ip.name == WEIGHTS_NAME else None
         if t == ip or (base is not None and (t == base or base in t.parents)):
             raise ParameterError(f"output {target} is inside input {i}; choose another output path")
-    if target.exists() or target.is_symlink():
+        if t in ip.parents:
+            raise ParameterError(f"output {target} contains input {i}; replacing it would delete the input, choose another output path")
+    if os.path.lexists(target):  # (never raises: an unreachable target fails later, at mkdir, as an OutputError)
         if not force:
             raise OutputError(f"{target} already exists; pass --force (force=True) to replace it")
+        if target.is_dir() and target.suffix != ".safetensors":
+            _check_replaceable_dir(target)
         if target.is_dir() and target.suffix == ".safetensors":
             raise OutputError(f"{target} is a directory; cannot replace it with a file")
         if target.is_file() and target.suffix != ".safetensors":

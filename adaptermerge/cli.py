@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -222,7 +223,7 @@ def merge(
     # 2. headers of every input (no tensor data yet)
     default_alpha = alpha if alpha is not None else cfg.get("alpha")
     alphas = [(cfg_alphas[i] if i < len(cfg_alphas) and cfg_alphas[i] is not None else default_alpha) for i in range(len(paths))]
-    adapters = [load_adapter(p, alpha=a) if Path(p).is_file() else load_adapter(p) for p, a in zip(paths, alphas)]
+    adapters = [load_adapter(p, alpha=a) if os.path.isfile(p) else load_adapter(p) for p, a in zip(paths, alphas)]
     # 3. merge, streaming to a temporary output renamed into place at the end
     bar, update = _progress_bar(not (quiet or json_out))
     if bar is not None:
@@ -326,8 +327,23 @@ def methods(json_out: bool = typer.Option(False, "--json", help="Print machine-r
     out.print(t)
 
 
+# ------------------------------------------------------------------------------------------------ analyze
+from .analyze_cli import analyze as _analyze  # noqa: E402  (typer/rich/stdlib only at import time)
+
+app.command(name="analyze")(_analyze)
+
+
 # ------------------------------------------------------------------------------------------------ plugins + main
+_plugins_loaded = False
+
+
 def _load_plugins() -> None:
+    """Register the plugin commands once per process (main() may be called many times, e.g. by tests; adding them
+    again each time made every call slower than the last)."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
     from importlib.metadata import entry_points
 
     for ep in entry_points(group="adaptermerge.plugins"):

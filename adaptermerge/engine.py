@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -35,10 +36,10 @@ from .adapter import (
     load_adapter,
     resolve_output_dtype,
 )
-from .errors import IncompatibleInputsError, ParameterError
+from .errors import IncompatibleInputsError, InputError, OutputError, ParameterError
 from .lowrank import concat_factors, full_rank_factors, truncate_dense, truncate_factors
 from .registry import Method, resolve
-from .safetensors_io import SafetensorsWriter, read_tensor
+from .safetensors_io import SafetensorsWriter, gib, memory_limit_bytes, read_tensor
 
 RankSpec = int | Literal["full"] | None
 Progress = Callable[[int, int, str], None]
@@ -157,6 +158,7 @@ def plan(
         else:
             target = max_rank if rank is None else rank
             out_rank = min(target, mm, nn, sum(ranks)) if m.kind == "linear" else min(target, mm, nn)
+        _check_memory(name, first.shape, len(adapters), m, rank)
         modules.append(ModulePlan(name, first.kind, first.shape, present, ranks, out_rank, first))
         if len(present) < len(adapters):
             missing = [adapters[i].name for i in range(len(adapters)) if i not in present]
@@ -243,7 +245,105 @@ def _output_module(p: ModulePlan, rank: int, dtype: torch.dtype) -> LoraModule:
     )
 
 
+def _check_memory(name: str, shape: tuple[int, int], n_inputs: int, method: Method, rank: RankSpec) -> None:
+    """Refuse, from the headers alone, a module whose dense float32 deltas can never fit in this machine's memory.
+
+    Element-wise methods hold one dense delta per input plus about three more (result, SVD work, residual); an
+    exact full-rank output holds about three. Linear methods and ``cat`` stay low-rank: their memory is bounded by
+    the factors, which are bounded by the input files. A crafted header (two small factors of a 10^6 x 10^6 module)
+    must fail here, not make the merge allocate terabytes.
+    """
+    dense = shape[0] * shape[1] * 4
+    copies = n_inputs + 3 if method.kind == "elementwise" else 3 if rank == "full" and method.kind != "concat" else 0
+    need, limit = copies * dense, memory_limit_bytes()
+    if need > limit:
+        raise InputError(
+            f"module '{name}' ({shape[0]}x{shape[1]}) needs about {gib(need)} of memory for method '{method.name}'"
+            f"{' with rank full' if method.kind != 'elementwise' else ''} (dense deltas), more than the {gib(limit)}"
+            f" this process can have; use a linear method (exact, low-rank) or a machine with more memory"
+        )
+
+
+def _nonfinite_inputs(p: ModulePlan, adapters: Sequence[Adapter]) -> tuple[list[str], list[str], float]:
+    """(inputs whose factors hold NaN/Inf, inputs whose finite factors overflow float32 in scale * B @ A,
+    the largest finite |scale * B @ A| entry). Only called on an error path: recomputes the deltas by row blocks."""
+    bad_factors, overflow, biggest = [], [], 0.0
+    for i in p.present:
+        b, a = adapters[i].factors(p.name, check_finite=False)
+        if not (torch.isfinite(b).all() and torch.isfinite(a).all()):
+            bad_factors.append(adapters[i].name)
+            continue
+        for r in range(0, b.shape[0], 1024):
+            block = (b[r : r + 1024] @ a).abs()
+            if not torch.isfinite(block).all():
+                overflow.append(adapters[i].name)
+                break
+            biggest = max(biggest, float(block.max()) if block.numel() else 0.0)
+    return bad_factors, overflow, biggest
+
+
+def _merge_module_checked(p: ModulePlan, mp: MergePlan, adapters: Sequence[Adapter], check_finite: bool):
+    """:func:`_merge_module`, with non-finite values (allowed NaN/Inf, or float32 overflow of huge factors) reported
+    as one-line InputErrors naming the module and the input instead of an operator or LAPACK error."""
+    try:
+        b, a, err = _merge_module(p, mp, adapters, check_finite)
+    except (ParameterError, torch.linalg.LinAlgError) as e:
+        bad_factors, overflow, biggest = _nonfinite_inputs(p, adapters)
+        if overflow:
+            raise InputError(
+                f"{overflow[0]}: module '{p.name}': scale * B @ A overflows float32 (|values| > 3.4e38); "
+                f"the adapter is corrupt or hostile"
+            ) from None
+        if bad_factors:
+            step = "magnitude selection and the SVD back to low rank need" if mp.method.kind == "elementwise" else "the SVD back to low rank needs"
+            raise InputError(
+                f"module '{p.name}': method '{mp.method.name}' cannot merge the NaN/Inf values of {bad_factors[0]} "
+                f"(allowed by --allow-nonfinite): {step} finite values; use --method cat, or a linear method with --rank full"
+            ) from None
+        if isinstance(e, torch.linalg.LinAlgError) and biggest > 1e30:  # finite, but the float32 SVD overflows
+            raise InputError(
+                f"module '{p.name}': the SVD back to rank {p.out_rank} overflows float32: the inputs' deltas reach "
+                f"{biggest:.3g}; the adapters are corrupt or hostile"
+            ) from None
+        raise
+    if check_finite and not (torch.isfinite(b).all() and torch.isfinite(a).all()):
+        overflow = _nonfinite_inputs(p, adapters)[1]
+        culprit = f"{overflow[0]}: " if overflow else ""
+        raise InputError(f"{culprit}module '{p.name}': the merged factors overflow float32 (the inputs hold values too large to merge)")
+    return b, a, err
+
+
+def _cast_checked(name: str, key: str, t: torch.Tensor, dtype: torch.dtype, check_finite: bool) -> torch.Tensor:
+    out = t.to(dtype).contiguous()
+    if check_finite and dtype != torch.float32 and not torch.isfinite(out).all():
+        biggest = float(t.abs().max())
+        raise OutputError(
+            f"module '{name}': merged '{key}' holds values up to {biggest:.3g}, which do not fit "
+            f"{str(dtype).removeprefix('torch.')} (max {torch.finfo(dtype).max:.3g}); use --dtype float32 or bfloat16"
+        )
+    return out
+
+
 def _run(
+    mp: MergePlan,
+    adapters: Sequence[Adapter],
+    emit: Callable[[str, torch.Tensor], None],
+    *,
+    check_finite: bool,
+    progress: Progress | None,
+) -> tuple[list[LoraModule], dict[str, float]]:
+    """:func:`_run_modules` with torch's intra-op threads pinned to 1: MKL's QR/SVD/GEMM give different bits for
+    different thread counts, and the output must be byte-identical on every machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with np.errstate(all="ignore"):  # overflow/NaN are checked explicitly and reported as one-line errors
+            return _run_modules(mp, adapters, emit, check_finite=check_finite, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_modules(
     mp: MergePlan,
     adapters: Sequence[Adapter],
     emit: Callable[[str, torch.Tensor], None],
@@ -257,10 +357,10 @@ def _run(
     for idx, p in enumerate(mp.modules):
         if progress:
             progress(idx, total, p.name)
-        b, a, err = _merge_module(p, mp, adapters, check_finite)
+        b, a, err = _merge_module_checked(p, mp, adapters, check_finite)
         mod = _output_module(p, a.shape[0], mp.out_dtype)
-        emit(mod.key_a, a.to(mp.out_dtype).contiguous())
-        emit(mod.key_b, b.to(mp.out_dtype).contiguous())
+        emit(mod.key_a, _cast_checked(p.name, mod.key_a, a, mp.out_dtype, check_finite))
+        emit(mod.key_b, _cast_checked(p.name, mod.key_b, b, mp.out_dtype, check_finite))
         out_modules.append(mod)
         errors[p.name] = err
     if progress:
@@ -399,7 +499,7 @@ def merge_to(
               dtype=dtype, extra_tensors=extra_tensors, **params)
     inputs = [a.path for a in ads if a.path is not None]
     with OutputTarget(Path(output), force=force, inputs=inputs) as out:
-        writer = SafetensorsWriter(out.weights_path)
+        writer = SafetensorsWriter(out.weights_path, display=out.target)
         with writer:
             out_modules, errors = _run(mp, ads, writer.add, check_finite=not allow_nonfinite, progress=progress)
             for k, (i, _) in mp.extras.items():

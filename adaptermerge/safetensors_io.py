@@ -14,9 +14,14 @@ Why not just ``safetensors.safe_open`` / ``save_file``?
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
+import shutil
+import socket
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -74,6 +79,28 @@ class SafetensorsHeader:
     file_size: int
 
 
+def open_regular(p: Path) -> BinaryIO:
+    """Open ``p`` read-only, refusing anything but a regular file.
+
+    ``O_NONBLOCK`` makes opening a FIFO return at once instead of blocking forever waiting for a writer; the
+    ``fstat`` then refuses FIFOs, sockets, devices (``/dev/zero`` never ends) and directories.
+    """
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{p}: is a directory, expected a .safetensors file") from None
+    except OSError as e:
+        raise InputError(f"{p}: cannot open: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "is a directory, expected a .safetensors file" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+        raise InputError(f"{p}: {what}")
+    return os.fdopen(fd, "rb")
+
+
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     """Parse and validate a safetensors header without reading any tensor data.
 
@@ -85,14 +112,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             f"{p}: pickle-based checkpoints are never unpickled (they can run code); convert it to safetensors "
             f"in a trusted environment, e.g. safetensors.torch.save_file(torch.load(f, weights_only=True), 'x.safetensors')"
         )
-    try:
-        fh = open(p, "rb")
-    except FileNotFoundError:
-        raise InputError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{p}: is a directory, expected a .safetensors file") from None
-    except OSError as e:
-        raise InputError(f"{p}: cannot open: {e.strerror or e}") from None
+    fh = open_regular(p)
     with fh:
         size = os.fstat(fh.fileno()).st_size
         if size == 0:
@@ -107,7 +127,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raw = fh.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8 / JSON, integers over the digit limit, absurd nesting
         raise InputError(f"{p}: safetensors header is not valid JSON (corrupt or not a safetensors file)") from None
     if not isinstance(header, dict):
         raise InputError(f"{p}: safetensors header is not a JSON object")
@@ -122,7 +142,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         if not isinstance(info, dict):
             raise InputError(f"{where}: header entry is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise InputError(f"{where}: unknown dtype {dtype!r}")
         if (
             not isinstance(shape, list)
@@ -152,16 +172,56 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     return SafetensorsHeader(p, metadata, entries, size)
 
 
+def memory_limit_bytes() -> int:
+    """The most memory this process could ever get: physical RAM, capped by a cgroup limit and ``RLIMIT_AS``.
+
+    A deterministic bound (not "free memory now"), used to refuse at once what can never fit instead of letting a
+    crafted file drive the machine into swap or the OOM killer.
+    """
+    limits: list[int] = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        pass
+    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            v = Path(f).read_text().strip()
+        except OSError:
+            continue
+        if v.isdigit():
+            limits.append(int(v))
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY and soft > 0:
+            limits.append(soft)
+    except (ImportError, ValueError, OSError):
+        pass
+    return min(limits) if limits else 1 << 62
+
+
+def gib(n: int | float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
 def read_tensor(header: SafetensorsHeader, name: str, fh: BinaryIO | None = None) -> torch.Tensor:
-    """Read one tensor's bytes (and only those) from the file described by ``header``."""
+    """Read one tensor's bytes (and only those) from the file described by ``header``.
+
+    A tensor larger than :func:`memory_limit_bytes` is refused before anything is allocated (the header was checked
+    against the file size, but a sparse file can be as large as it claims).
+    """
     e = header.tensors[name]
     torch_dtype, _ = DTYPES[e.dtype]
     nbytes = e.end - e.start
+    limit = memory_limit_bytes()
+    if nbytes > limit:
+        raise InputError(f"{header.path}: tensor '{name}' is {gib(nbytes)}, more than the {gib(limit)} of memory this process can have")
     buf = bytearray(nbytes)
     own = fh is None
     try:
         if own:
-            fh = open(header.path, "rb")
+            fh = open_regular(header.path)
         fh.seek(e.start)
         got = fh.readinto(buf)
     except OSError as err:
@@ -189,6 +249,35 @@ def canonical_header(entries: Mapping[str, tuple[str, tuple[int, ...], int, int]
     return struct.pack("<Q", len(raw)) + raw
 
 
+def canonical_sha256(header: SafetensorsHeader) -> str:
+    """sha256 of the file's canonical form: :func:`canonical_header` (sorted names and metadata) then every tensor's
+    bytes in name order, which is exactly what :class:`SafetensorsWriter` would write for the same content.
+
+    It does not depend on the order of tensors or header keys in the file, and equals ``sha256sum`` of files already
+    in canonical layout (adaptermerge outputs; ``safetensors.save_file`` output with a single dtype).
+    """
+    names = sorted(header.tensors)
+    entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    offset = 0
+    for n in names:
+        e = header.tensors[n]
+        entries[n] = (e.dtype, e.shape, offset, offset + e.end - e.start)
+        offset += e.end - e.start
+    h = hashlib.sha256(canonical_header(entries, header.metadata))
+    with open_regular(header.path) as fh:
+        for n in names:
+            e = header.tensors[n]
+            fh.seek(e.start)
+            left = e.end - e.start
+            while left:
+                chunk = fh.read(min(left, 1 << 22))
+                if not chunk:
+                    raise InputError(f"{header.path}: tensor '{n}': file changed or truncated while reading")
+                h.update(chunk)
+                left -= len(chunk)
+    return h.hexdigest()
+
+
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """Little-endian raw bytes of a tensor (what safetensors stores)."""
     t = t.detach().contiguous().cpu()
@@ -197,22 +286,84 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes()
 
 
+#: Every temporary file or folder adaptermerge creates starts with this.
+TEMP_PREFIX = ".adaptermerge-tmp-"
+_TEMP_RE = re.compile(r"^\.adaptermerge-tmp-(?P<pid>[0-9]+)-(?P<host>[0-9a-f]{8})-")
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def temp_prefix(kind: str = "") -> str:
+    """``.adaptermerge-tmp-<pid>-<host hash>-<kind>``: who owns a temporary can be told from its name alone."""
+    return f"{TEMP_PREFIX}{os.getpid()}-{_host_tag()}-{kind}"
+
+
+def _pid_alive(pid: int) -> bool:
+    """False only when ``pid`` certainly is not running (no such process, or a zombie that can no longer write)."""
+    if pid <= 0 or os.name == "nt":  # on Windows os.kill(pid, 0) would send CTRL_C_EVENT: never probe there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, owned by someone else
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries a killed adaptermerge process left in ``folder``; returns what was removed.
+
+    Only names ``.adaptermerge-tmp-<pid>-<host>-*`` whose host hash is this machine's and whose pid is not a running
+    process (and not this process) are touched, so concurrent merges into the same folder, from this machine or
+    from another one sharing it, never lose their files. Anything else is left alone.
+    """
+    removed: list[Path] = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    me, host = os.getpid(), _host_tag()
+    for name in sorted(names):
+        m = _TEMP_RE.match(name)
+        if m is None or m["host"] != host or int(m["pid"]) == me or _pid_alive(int(m["pid"])):
+            continue
+        p = Path(folder) / name
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+        except OSError:  # raced with another cleaner, or not ours to remove after all
+            pass
+    return removed
+
+
 class SafetensorsWriter:
     """Stream tensors into a safetensors file that appears at ``path`` only once complete.
 
     Tensor data goes to a spool file beside ``path`` while tensors are added; :meth:`commit` writes the canonical
     header plus the data to a second temporary file, fsyncs it and renames it over ``path``. :meth:`abort` (or leaving
-    a ``with`` block by an exception) removes every temporary file. Temporary names start with ``.adaptermerge-tmp-``.
+    a ``with`` block by an exception) removes every temporary file. Temporary names are :func:`temp_prefix` + random
+    characters, so a later run can remove those of a killed process (:func:`clean_stale_temps`).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, display: str | os.PathLike | None = None):
         self.path = Path(path)
+        self.display = str(display) if display is not None else str(self.path)  # the name errors give the user
         self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         self._offset = 0
         try:
-            fd, spool = tempfile.mkstemp(prefix=".adaptermerge-tmp-", suffix=".spool", dir=self.path.parent)
+            fd, spool = tempfile.mkstemp(prefix=temp_prefix(), suffix=".spool", dir=self.path.parent)
         except OSError as e:
-            raise OutputError(f"{self.path.parent}: cannot create a file there: {e.strerror or e}") from None
+            raise OutputError(f"{self.display}: cannot create a file in {self.path.parent}: {e.strerror or e}") from None
         self._spool_path = Path(spool)
         self._spool = os.fdopen(fd, "w+b")
         self._final_tmp: Path | None = None
@@ -226,7 +377,7 @@ class SafetensorsWriter:
         try:
             self._spool.write(data)
         except OSError as e:
-            raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from None
+            raise OutputError(f"{self.display}: write failed: {e.strerror or e}") from None
         self._entries[name] = (TORCH_TO_ST[tensor.dtype], tuple(tensor.shape), self._offset, self._offset + len(data))
         self._offset += len(data)
 
@@ -234,7 +385,7 @@ class SafetensorsWriter:
         """Write header + data to a temporary file and (by default) rename it to ``path``. Returns the file written."""
         head = canonical_header(self._entries, dict(metadata or {}))
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".adaptermerge-tmp-", suffix=".safetensors", dir=self.path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=".safetensors", dir=self.path.parent)
             self._final_tmp = Path(tmp)
             with os.fdopen(fd, "wb") as out:
                 out.write(head)
@@ -252,17 +403,26 @@ class SafetensorsWriter:
             return self.path
         except OSError as e:
             self.abort()
-            raise OutputError(f"{self.path}: write failed: {e.strerror or e}") from None
+            raise OutputError(f"{self.display}: write failed: {e.strerror or e}") from None
 
     def _close_spool(self) -> None:
-        if not self._spool.closed:
-            self._spool.close()
-        self._spool_path.unlink(missing_ok=True)
+        try:
+            if not self._spool.closed:
+                self._spool.close()  # may flush buffered data, and fail on a full disk
+        finally:
+            self._spool_path.unlink(missing_ok=True)
 
     def abort(self) -> None:
-        self._close_spool()
+        """Remove every temporary file; never raises (it runs while another error propagates)."""
+        try:
+            self._close_spool()
+        except OSError:
+            pass
         if self._final_tmp is not None:
-            self._final_tmp.unlink(missing_ok=True)
+            try:
+                self._final_tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
             self._final_tmp = None
 
     def __enter__(self) -> "SafetensorsWriter":
