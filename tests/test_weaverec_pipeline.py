@@ -85,7 +85,9 @@ def test_report_has_every_row(finished_run):
     # folding the merged delta into the base weights keeps the base model's size
     cost = data["inference_cost"]
     assert cost["WeaveRec"]["parameters"] == cost["Target-only LoRA"]["parameters"] == cost["Base model (zero-shot)"]["parameters"]
-    assert data["module_cosine"]["modules"][0] == "target"
+    diag = data["module_cosine"]
+    assert diag["modules"][0] == "target" and set(diag["vs_target"]) == set(diag["modules"][1:])
+    assert all(-1.0 <= v["cosine"] <= 1.0 and 0.0 <= v["sign_conflict_top20"] <= 1.0 for v in diag["vs_target"].values())
 
 
 def test_metrics_match_scores(finished_run):

@@ -29,18 +29,30 @@ def _fmt(s: Mapping[str, float]) -> str:
 
 
 def _module_diagnostics(cfg: RunConfig) -> dict[str, Any] | None:
-    """Cosine similarity of the trained modules' whole deltas, computed from the LoRA factors."""
-    try:
-        from adaptermerge.diagnostics import pairwise_cosine
-    except ImportError:  # pragma: no cover - diagnostics ship with the core
-        return None
+    """How every trained module relates to the target-only module, from the LoRA factors (adaptermerge.analyze):
+    cosine of the whole deltas, sign-conflict rate among the top-20% entries (sampled), subspace overlap."""
+    from adaptermerge.diagnostics import analyze
+
     mdir = cfg.run_dir / "modules"
     names = [n for n in ["target", *[f"hybrid-{s}" for s in cfg.data.sources], *[f"source-{s}" for s in cfg.data.sources], "pooled"]
              if (mdir / n / "adapter_model.safetensors").exists()]
-    if len(names) < 2:
+    if len(names) < 2 or names[0] != "target":
         return None
-    c = pairwise_cosine([mdir / n for n in names])
-    return {"modules": names, "cosine": np.round(c, 4).tolist()}
+    res = analyze([mdir / n for n in names], top_k_fraction=0.2, samples=4096, seed=cfg.seed)
+    ov = res["overall"]
+    pairs = [tuple(p) for p in res["pairs"]]
+    vs_target = {}
+    for j, name in enumerate(names[1:], start=1):
+        k = pairs.index((0, j))
+        conflict = ov["conflict"][k] or {}
+        vs_target[name] = {
+            "cosine": ov["cosine"][k],
+            "sign_conflict_top20": conflict.get("rate"),
+            "sign_conflict_se": conflict.get("se"),
+            "subspace_overlap_left": ov["subspace_overlap_mean"]["left"][k],
+            "subspace_overlap_right": ov["subspace_overlap_mean"]["right"][k],
+        }
+    return {"modules": names, "cosine": np.round(np.array(res["cosine_matrix"], dtype=float), 4).tolist(), "vs_target": vs_target}
 
 
 def write_report(cfg: RunConfig, prep: Prepared, results: Mapping[str, dict], trained: Mapping[str, Any] | None = None,
@@ -148,10 +160,17 @@ def _markdown(report: dict, metric_names: list[str], key_metric: str) -> str:
         out.append("")
     if report["module_cosine"]:
         d = report["module_cosine"]
-        out += ["## How the modules relate (cosine similarity of their whole deltas)", "", "| | " + " | ".join(d["modules"]) + " |",
-                "|---|" + "---|" * len(d["modules"])]
+        f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        out += ["## How the modules relate to the target-only module (adaptermerge diagnostics, from the LoRA factors)", "",
+                "Does weaving the target data through every module make the modules agree with the target module "
+                "(higher cosine, fewer sign conflicts) more than source-only modules do?", "",
+                "| module | cosine with target | sign conflicts, top-20% entries | subspace overlap (left / right) |", "|---|---|---|---|"]
+        for name, v in d["vs_target"].items():
+            out.append(f"| {name} | {f(v['cosine'])} | {f(v['sign_conflict_top20'])} ± {f(v['sign_conflict_se'])} | "
+                       f"{f(v['subspace_overlap_left'])} / {f(v['subspace_overlap_right'])} |")
+        out += ["", "Cosine similarity of the whole deltas:", "", "| | " + " | ".join(d["modules"]) + " |", "|---|" + "---|" * len(d["modules"])]
         for name, row in zip(d["modules"], d["cosine"]):
-            out.append(f"| {name} | " + " | ".join(f"{x:.3f}" for x in row) + " |")
+            out.append(f"| {name} | " + " | ".join(f(x) for x in row) + " |")
         out.append("")
     if report["training"]:
         out += ["## Training", "", "| module | samples | steps | final loss | seconds |", "|---|---|---|---|---|"]
