@@ -426,6 +426,13 @@ def _as_adapters(inputs: Sequence[Adapter | str | os.PathLike]) -> list[Adapter]
     return [x if isinstance(x, Adapter) else load_adapter(x) for x in inputs]
 
 
+def _open_and_plan(adapters, method, weights, params, **opts) -> tuple[list[Adapter], MergePlan]:
+    """Validate every option before any file is opened, then open the inputs' headers and plan the merge."""
+    validate_options(method, len(adapters), weights, params, **opts)
+    ads = _as_adapters(adapters)
+    return ads, plan(ads, method, weights, **opts, **params)
+
+
 def merge(
     adapters: Sequence[Adapter | str | os.PathLike],
     method: str = "linear",
@@ -450,12 +457,9 @@ def merge(
     ``summary`` holds per-module ranks and relative truncation errors; its metadata records the provenance.
     For outputs too large to hold in memory use :func:`merge_to`.
     """
-    validate_options(method, len(adapters), weights, params, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter,
-                     svd_oversample=svd_oversample, dtype=dtype, extra_tensors=extra_tensors)
-    ads = _as_adapters(adapters)
     t0 = time.perf_counter()
-    mp = plan(ads, method, weights, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter, svd_oversample=svd_oversample,
-              dtype=dtype, extra_tensors=extra_tensors, **params)
+    ads, mp = _open_and_plan(adapters, method, weights, params, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter,
+                             svd_oversample=svd_oversample, dtype=dtype, extra_tensors=extra_tensors)
     tensors: dict[str, torch.Tensor] = {}
     out_modules, errors = _run(mp, ads, tensors.__setitem__, check_finite=not allow_nonfinite, progress=progress)
     extras = {k: ads[i]._extra_tensor(k) for k, (i, _) in mp.extras.items()}
@@ -491,12 +495,9 @@ def merge_to(
 ) -> dict[str, Any]:
     """Like :func:`merge` but streams each merged module to ``output`` (a PEFT directory, or a file ending in
     ``.safetensors``) so memory stays bounded by one module. The output appears atomically. Returns the summary."""
-    validate_options(method, len(adapters), weights, params, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter,
-                     svd_oversample=svd_oversample, dtype=dtype, extra_tensors=extra_tensors)
-    ads = _as_adapters(adapters)
     t0 = time.perf_counter()
-    mp = plan(ads, method, weights, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter, svd_oversample=svd_oversample,
-              dtype=dtype, extra_tensors=extra_tensors, **params)
+    ads, mp = _open_and_plan(adapters, method, weights, params, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter,
+                             svd_oversample=svd_oversample, dtype=dtype, extra_tensors=extra_tensors)
     inputs = [a.path for a in ads if a.path is not None]
     with OutputTarget(Path(output), force=force, inputs=inputs) as out:
         writer = SafetensorsWriter(out.weights_path, display=out.target)
