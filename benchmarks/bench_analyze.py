@@ -35,18 +35,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-LORA_R, LORA_ALPHA = 16, 32
-HIDDEN, INTERMEDIATE, KV_OUT = 2048, 8192, 512
-#: (module path inside a layer, out_features, in_features) for Llama-3.2-1B.
-PROJECTIONS = (
-    ("self_attn.q_proj", HIDDEN, HIDDEN),
-    ("self_attn.k_proj", KV_OUT, HIDDEN),
-    ("self_attn.v_proj", KV_OUT, HIDDEN),
-    ("self_attn.o_proj", HIDDEN, HIDDEN),
-    ("mlp.gate_proj", INTERMEDIATE, HIDDEN),
-    ("mlp.up_proj", INTERMEDIATE, HIDDEN),
-    ("mlp.down_proj", HIDDEN, INTERMEDIATE),
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_merge import LORA_ALPHA, LORA_R, PROJECTIONS  # noqa: E402  (one definition of the Llama-3.2-1B shapes)
+
 NAMES = ("target", "hybrid", "source")
 GEN_VERSION = 1
 MB = 1_000_000
