@@ -185,7 +185,7 @@ def merge(
     Example: adaptermerge merge a/ b/ c.safetensors --method ties --weights 0.5,0.3,0.2 --density 0.5 --rank 16 -o merged/
     """
     from .adapter import check_output_path, load_adapter
-    from .engine import merge_to, validate_options
+    from .engine import merge_to, retain_freed_memory, validate_options
 
     cfg: dict[str, Any] = load_config_file(config) if config else {}
     base = config.parent if config else Path(".")
@@ -225,6 +225,7 @@ def merge(
     alphas = [(cfg_alphas[i] if i < len(cfg_alphas) and cfg_alphas[i] is not None else default_alpha) for i in range(len(paths))]
     adapters = [load_adapter(p, alpha=a) if os.path.isfile(p) else load_adapter(p) for p, a in zip(paths, alphas)]
     # 3. merge, streaming to a temporary output renamed into place at the end
+    retain_freed_memory()  # this process ends after the merge: reuse freed deltas instead of faulting pages in
     bar, update = _progress_bar(not (quiet or json_out))
     if bar is not None:
         with bar:

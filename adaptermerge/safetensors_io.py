@@ -14,6 +14,8 @@ Why not just ``safetensors.safe_open`` / ``save_file``?
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import json
 import math
@@ -172,11 +174,13 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     return SafetensorsHeader(p, metadata, entries, size)
 
 
+@functools.lru_cache(maxsize=1)
 def memory_limit_bytes() -> int:
     """The most memory this process could ever get: physical RAM, capped by a cgroup limit and ``RLIMIT_AS``.
 
     A deterministic bound (not "free memory now"), used to refuse at once what can never fit instead of letting a
-    crafted file drive the machine into swap or the OOM killer.
+    crafted file drive the machine into swap or the OOM killer. Read once per process (it is asked for every
+    tensor read; ``memory_limit_bytes.cache_clear()`` re-reads it).
     """
     limits: list[int] = []
     try:
@@ -346,6 +350,32 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _copy_file(src: BinaryIO, dst: BinaryIO, nbytes: int) -> None:
+    """Append the first ``nbytes`` of ``src`` to ``dst`` (both flushed), in the kernel where it can
+    (``copy_file_range``: no copy through Python, a reflink on file systems that have them), else chunk by chunk."""
+    src.seek(0)
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), nbytes - done)
+                if n == 0:
+                    break
+                done += n
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM) or done:
+                raise
+    if done < nbytes:
+        src.seek(done)
+        dst.seek(0, os.SEEK_END)
+        while done < nbytes and (chunk := src.read(min(1 << 24, nbytes - done))):
+            dst.write(chunk)
+            done += len(chunk)
+        dst.flush()
+    if done != nbytes:
+        raise OSError(errno.EIO, f"short copy ({done} of {nbytes} bytes)")
+
+
 class SafetensorsWriter:
     """Stream tensors into a safetensors file that appears at ``path`` only once complete.
 
@@ -389,11 +419,9 @@ class SafetensorsWriter:
             self._final_tmp = Path(tmp)
             with os.fdopen(fd, "wb") as out:
                 out.write(head)
-                self._spool.flush()
-                self._spool.seek(0)
-                while chunk := self._spool.read(1 << 24):
-                    out.write(chunk)
                 out.flush()
+                self._spool.flush()
+                _copy_file(self._spool, out, self._offset)
                 os.fsync(out.fileno())
             self._close_spool()
             if not rename:
