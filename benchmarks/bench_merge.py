@@ -66,9 +66,8 @@ RSS_LIMIT_MB = 1000.0
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    group: str  # ours | floor | peft | whatif
+    group: str  # ours | floor | peft
     method: str  # adaptermerge method, PEFT combination type, or "cat" for the floor
-    flags: tuple[str, ...] = ()  # what_if.py switches (group whatif)
 
     def out_dir(self, work: Path) -> Path:
         return work / "out" / self.name
@@ -82,15 +81,6 @@ OURS = [Scenario(f"ours_{m}", "ours", m) for m in ("linear", "task_arithmetic", 
 FLOOR = [Scenario("floor_cat", "floor", "cat")]
 PEFT_METHODS = ("cat", "svd", "ties_svd", "dare_ties_svd")  # run order: cheapest first
 PEFT = {m: Scenario(f"peft_{m}", "peft", m) for m in PEFT_METHODS}
-#: Our CLI with proposed speed-ups applied from outside by benchmarks/what_if.py (not run unless asked for).
-_ALL = ("--fast-error", "--mallopt", "--cache-memlimit")
-WHATIF = [
-    Scenario("whatif_ties_fast_error", "whatif", "ties", ("--fast-error",)),
-    Scenario("whatif_ties_all", "whatif", "ties", _ALL),
-    Scenario("whatif_dare_ties_all", "whatif", "dare_ties", _ALL),
-    Scenario("whatif_cat_all", "whatif", "cat", ("--mallopt", "--cache-memlimit")),
-]
-
 #: (our scenario, baseline scenarios in order of preference, target kind, target value)
 TARGETS = [
     ("ours_linear", ("peft_svd",), "speedup", 100.0),
@@ -98,10 +88,6 @@ TARGETS = [
     ("ours_ties", ("peft_ties_svd",), "speedup", 30.0),
     ("ours_dare_ties", ("peft_dare_ties_svd", "peft_ties_svd"), "speedup", 30.0),
     ("ours_cat", ("floor_cat",), "slowdown", 1.5),
-    ("whatif_ties_fast_error", ("peft_ties_svd",), "speedup", 30.0),
-    ("whatif_ties_all", ("peft_ties_svd",), "speedup", 30.0),
-    ("whatif_dare_ties_all", ("peft_dare_ties_svd", "peft_ties_svd"), "speedup", 30.0),
-    ("whatif_cat_all", ("floor_cat",), "slowdown", 1.5),
 ]
 
 
@@ -110,11 +96,9 @@ def command(s: Scenario, inputs: Sequence[Path], work: Path, layers: int, thread
     ins = [str(p) for p in inputs]
     weights = ",".join(f"{w:g}" for w in WEIGHTS)
     out = str(s.out_dir(work))
-    if s.group in ("ours", "whatif"):
+    if s.group == "ours":
         cli = Path(sys.executable).parent / "adaptermerge"
         head = [str(cli)] if cli.exists() else [sys.executable, "-m", "adaptermerge"]
-        if s.group == "whatif":
-            head = [sys.executable, str(HERE / "what_if.py"), *s.flags]
         cmd = head + ["merge", *ins, "--method", s.method, "--weights", weights, "-o", out, "--force", "--json", "-q"]
         if s.method in ("ties", "dare_ties"):
             cmd += ["--density", f"{DENSITY:g}"]
@@ -197,7 +181,7 @@ def summarize(s: Scenario, cmd: list[str], runs: list[dict[str, Any]]) -> dict[s
     """Median wall, max peak RSS, and the in-process timings the scenario printed."""
     printed = parse_json_output(runs[-1]["stdout"]) or {}
     inner: dict[str, Any] = {}
-    if s.group in ("ours", "whatif"):
+    if s.group == "ours":
         seconds = [(parse_json_output(r["stdout"]) or {}).get("seconds") for r in runs]
         inner = {"merge_s": statistics.median(seconds) if None not in seconds else None,
                  "max_rel_error": printed.get("max_rel_error"), "mean_rel_error": printed.get("mean_rel_error"),
@@ -425,7 +409,7 @@ def build_table(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[lis
     rows: list[list[str]] = []
     verdicts: list[tuple[str, bool, str]] = []
     target_of = {t[0]: t for t in TARGETS}
-    order = [s.name for s in OURS + WHATIF + FLOOR] + [PEFT[m].name for m in PEFT_METHODS]
+    order = [s.name for s in OURS + FLOOR] + [PEFT[m].name for m in PEFT_METHODS]
     for name in order:
         r = results.get(name)
         if r is None:
@@ -494,15 +478,13 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------ main
 def select(args: argparse.Namespace) -> list[Scenario]:
     groups = {g.strip() for g in args.only.split(",")} if args.only else {"ours", "floor", "peft"}
-    if args.whatif:
-        groups.add("whatif")
     if args.skip_peft:
         groups.discard("peft")
     peft_methods = [m.strip() for m in args.peft_methods.split(",") if m.strip()]
     bad = [m for m in peft_methods if m not in PEFT]
     if bad:
         raise SystemExit(f"error: --peft-methods: unknown {bad}; choose from {list(PEFT_METHODS)}")
-    chosen = [s for s in OURS + FLOOR + WHATIF if s.group in groups or s.name in groups]
+    chosen = [s for s in OURS + FLOOR if s.group in groups or s.name in groups]
     chosen += [PEFT[m] for m in peft_methods if "peft" in groups or PEFT[m].name in groups]
     return chosen
 
@@ -515,7 +497,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "am-bench")
     ap.add_argument("--only", default=None, help="comma-separated groups (ours, floor, peft) or scenario names")
     ap.add_argument("--skip-peft", action="store_true", help="leave out the PEFT scenarios")
-    ap.add_argument("--whatif", action="store_true", help="also run our CLI with proposed speed-ups (benchmarks/what_if.py)")
     ap.add_argument("--peft-methods", default="svd,ties_svd,cat", help=f"PEFT combination types to run ({','.join(PEFT_METHODS)})")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each ours/floor scenario (median reported); PEFT runs once")
     ap.add_argument("--rerun", default="", help="comma-separated scenario names to measure again, or 'all'")
