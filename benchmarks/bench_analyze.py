@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge import LORA_ALPHA, LORA_R, PROJECTIONS  # noqa: E402  (one definition of the Llama-3.2-1B shapes)
+from bench_merge import LORA_ALPHA, LORA_R, PROJECTIONS, cpu_model  # noqa: E402  (one definition of the Llama-3.2-1B shapes)
 
 NAMES = ("target", "hybrid", "source")
 GEN_VERSION = 1
@@ -133,14 +133,7 @@ def run_process(cmd: Sequence[str], env: dict[str, str], out_path: Path) -> dict
 
 
 def machine(threads: int) -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads(), torch.__version__)"],
                            env=child_env(threads), capture_output=True, text=True).stdout.split()
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(),

@@ -370,15 +370,19 @@ def check_outputs(work: Path, inputs: list[Path], layers: int, done: set[str]) -
 
 
 # ------------------------------------------------------------------------------------------------ reporting
-def machine_info(threads: int) -> dict[str, Any]:
-    cpu = platform.processor()
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor()
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    cpu = cpu_model()
     probe = subprocess.run(
         [sys.executable, "-c", "import torch, transformers, peft, safetensors; print(torch.get_num_threads(), torch.__version__, "
          "transformers.__version__, peft.__version__, safetensors.__version__)"],
