@@ -18,6 +18,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +26,19 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-from .errors import IncompatibleInputsError, InputError, OutputError, ParameterError
+from .errors import AdapterMergeError, IncompatibleInputsError, InputError, OutputError, ParameterError, shorten
 from .safetensors_io import (
     FLOAT_DTYPES,
+    DuplicateKeyError,
     SafetensorsHeader,
     SafetensorsWriter,
     canonical_sha256,
     clean_stale_temps,
+    has_lone_surrogate,
     read_header,
+    read_small_text,
     read_tensor,
+    strict_json,
     temp_prefix,
 )
 
@@ -82,15 +87,33 @@ class LoraModule:
         return self.name[len(PEFT_PREFIX):] if self.name.startswith(PEFT_PREFIX) else self.name
 
 
-def pattern_key(patterns: Mapping[str, Any], key: str) -> str | None:
-    """PEFT's rule: the first pattern p with ``re.match(rf"(.*\\.)?({p})$", key)``."""
+def compile_patterns(patterns: Mapping[str, Any], where: str = "", label: str = "rank_pattern/alpha_pattern") -> list[tuple[str, re.Pattern]]:
+    """Each key of a rank_pattern / alpha_pattern compiled once, as PEFT matches it: ``(.*\\.)?(<key>)$``.
+
+    Matching a thousand modules against a thousand keys with ``re.match(str, ...)`` recompiled them through
+    Python's 512-entry regex cache, over and over (tens of seconds); compiled once it is a plain loop.
+    """
+    out = []
     for p in patterns:
         try:
-            if re.match(rf"(.*\.)?({p})$", key):
-                return p
-        except re.error:
-            raise InputError(f"pattern {p!r} in rank_pattern/alpha_pattern is not a valid regular expression") from None
+            out.append((p, re.compile(rf"(.*\.)?({p})$")))
+        except (re.error, RecursionError, OverflowError, ValueError, TypeError):
+            raise InputError(f"{where + ': ' if where else ''}{label} key {shorten(p)} is not a valid regular expression") from None
+    return out
+
+
+def first_match(compiled: list[tuple[str, re.Pattern]], key: str) -> str | None:
+    """PEFT's rule: the first pattern (in the config's order) that matches ``key``."""
+    for p, rx in compiled:
+        if rx.match(key):
+            return p
     return None
+
+
+def pattern_key(patterns: Mapping[str, Any], key: str) -> str | None:
+    """PEFT's rule: the first pattern p with ``re.match(rf"(.*\\.)?({p})$", key)``. (For many keys, compile them
+    once with :func:`compile_patterns` and use :func:`first_match`.)"""
+    return first_match(compile_patterns(patterns), key)
 
 
 def file_sha256(path: Path) -> str:
@@ -133,6 +156,7 @@ class Adapter:
         self._tensors = tensors
         self.summary = summary or {}
         self._sha: str | None = None
+        self.config_path: Path | None = None  # the adapter_config.json read, if any
 
     # ---------------------------------------------------------------- reading
     def __repr__(self) -> str:
@@ -177,8 +201,14 @@ class Adapter:
         if check_finite:
             for key, t in ((m.key_a, a), (m.key_b, b)):
                 if not all_finite(t):
-                    raise InputError(f"{self.name}: tensor '{key}' contains NaN or Inf (pass allow_nonfinite / --allow-nonfinite to merge anyway)")
-        return b.float() * m.scale, a.float()
+                    raise InputError(f"{self.name}: tensor {shorten(key, 200)} contains NaN or Inf (pass allow_nonfinite / --allow-nonfinite to merge anyway)")
+        scaled = b.float() * m.scale
+        if m.scale != 1.0 and not all_finite(scaled) and all_finite(b):
+            raise InputError(
+                f"{self.name}: module {shorten(name, 200)}: lora_B times its scale {m.scale:.3g} (lora_alpha "
+                f"{m.alpha:.3g}) overflows float32; the adapter is corrupt or hostile"
+            )
+        return scaled, a.float()
 
     def delta(self, name: str) -> torch.Tensor:
         """The dense delta ``scale * B @ A`` of one module, float32."""
@@ -193,7 +223,7 @@ class Adapter:
         """
         target = Path(path)
         out_dtype = resolve_output_dtype(dtype, self.dtype)
-        with OutputTarget(target, force=force, inputs=[]) as out:
+        with OutputTarget(target, force=force, inputs=[self.path] if self.path is not None else []) as out:
             writer = SafetensorsWriter(out.weights_path, display=out.target)
             with writer:
                 for m in self.modules.values():
@@ -225,30 +255,27 @@ def resolve_output_dtype(dtype: str | None, input_dtype: str) -> torch.dtype:
 
 # -------------------------------------------------------------------------------------------------- loading
 def _read_config(path: Path) -> dict[str, Any]:
+    # non-blocking open, regular files only, size-capped: a FIFO, /dev/zero or a sparse 8 GiB file is refused
+    text = read_small_text(path, "adapter config")
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text") from None
-    try:
-        cfg = json.loads(text)
+        cfg = strict_json(text)
+    except DuplicateKeyError as e:
+        raise InputError(f"{path}: key {shorten(e.key)} appears twice") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except (ValueError, RecursionError):  # integers past the digit limit, absurd nesting
         raise InputError(f"{path}: not valid JSON (a number too long or nesting too deep)") from None
     if not isinstance(cfg, dict):
         raise InputError(f"{path}: expected a JSON object")
+    if has_lone_surrogate(cfg):
+        raise InputError(f"{path}: holds a lone surrogate (\\ud800-\\udfff) in a key or value: not valid text")
     return cfg
 
 
-def _short(v: Any, limit: int = 60) -> str:
-    """repr of a config value, cut short: a hostile file must not turn an error message into megabytes."""
-    try:
-        text = repr(v)
-    except ValueError:  # an int past the digit limit cannot even be printed
-        text = f"<int of {v.bit_length()} bits>"
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+_short = shorten  # values echoed in messages: one helper (errors.shorten)
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _sane_number(v: Any) -> bool:
@@ -273,16 +300,18 @@ def _locate(p: Path) -> tuple[Path, Path | None]:
     """(weights file, adapter_config.json or None) of an adapter path. May raise OSError (permissions)."""
     if p.is_dir():
         weights, cfg_path = p / WEIGHTS_NAME, p / CONFIG_NAME
-        if not weights.exists():
+        if not os.path.lexists(weights):
             others = sorted(x.name for x in p.iterdir() if x.suffix in {".bin", ".pt", ".pth", ".ckpt"})
             hint = f" (found {', '.join(others)}: pickle files are never unpickled; convert to safetensors)" if others else ""
             raise InputError(f"{p}: no {WEIGHTS_NAME} in this directory{hint}")
-        if not cfg_path.exists():
+        if not os.path.lexists(cfg_path):
             raise InputError(f"{p}: no {CONFIG_NAME} in this directory")
         return weights, cfg_path
-    if p.exists() or p.suffix:
+    if p.exists() or p.suffix and not os.path.lexists(p):
         cfg_path = p.parent / CONFIG_NAME if p.name == WEIGHTS_NAME else None
-        return p, cfg_path if cfg_path is not None and cfg_path.exists() else None
+        return p, cfg_path if cfg_path is not None and os.path.lexists(cfg_path) else None
+    if os.path.lexists(p):
+        raise InputError(f"{p}: a symbolic link that cannot be followed (dangling, or a loop)")
     raise InputError(f"{p}: no such file or directory")
 
 
@@ -298,18 +327,23 @@ def load_adapter(
     With ``require_alpha=False`` a bare file without alpha is opened with alpha = r (scale 1), and a note says so.
     """
     p = Path(path)
+    for label, v in (("alpha", alpha), ("rank", rank)):
+        if v is not None and not _sane_number(v):
+            raise ParameterError(f"{label} must be a finite number, got {shorten(v)}")
     try:
         weights, cfg_path = _locate(p)
     except OSError as e:  # e.g. a folder without search (x) permission
         raise InputError(f"{e.filename or p}: cannot access: {e.strerror or e}") from None
+    except (UnicodeEncodeError, ValueError) as e:  # a NUL or an unencodable character in the path
+        raise InputError(f"{p}: invalid path ({type(e).__name__})") from None
     header = read_header(weights)
     notes: list[str] = []
     where = str(cfg_path or weights)
     if cfg_path is not None:
         cfg = _read_config(cfg_path)
         peft_type = cfg.get("peft_type", "LORA")
-        if str(peft_type).upper() != "LORA":
-            raise InputError(f"{cfg_path}: peft_type {peft_type!r} is not LORA; only LoRA adapters can be merged")
+        if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+            raise InputError(f"{cfg_path}: peft_type {shorten(peft_type)} is not LORA; only LoRA adapters can be merged")
         if cfg.get("use_dora"):
             raise InputError(f"{cfg_path}: DoRA adapters (use_dora) cannot be merged as LoRA deltas: the magnitude vector rescales the whole weight, not the delta")
         for key in ("r", "lora_alpha"):
@@ -322,14 +356,14 @@ def load_adapter(
             try:
                 cfg["r"] = int(md["r"])
             except ValueError:
-                raise InputError(f"{weights}: metadata r={md['r']!r} is not an integer") from None
+                raise InputError(f"{weights}: metadata r={shorten(md['r'])} is not an integer") from None
             notes.append(f"r={cfg['r']} taken from the file's metadata")
         for k in ("lora_alpha", "alpha"):
             if k in md and "lora_alpha" not in cfg:
                 try:
                     cfg["lora_alpha"] = float(md[k])
                 except ValueError:
-                    raise InputError(f"{weights}: metadata {k}={md[k]!r} is not a number") from None
+                    raise InputError(f"{weights}: metadata {k}={shorten(md[k])} is not a number") from None
                 notes.append(f"lora_alpha={cfg['lora_alpha']:g} taken from the file's metadata")
         if md.get(SCALE_FOLDED_KEY) == "true" and alpha is None:
             cfg["scale_folded"] = True
@@ -343,7 +377,9 @@ def load_adapter(
     if alpha is not None:
         cfg["lora_alpha"] = alpha
         notes.append(f"lora_alpha={alpha:g} given explicitly")
-    return _build_adapter(p, header, cfg, notes, bare=cfg_path is None, require_alpha=require_alpha)
+    ad = _build_adapter(p, header, cfg, notes, bare=cfg_path is None, require_alpha=require_alpha)
+    ad.config_path = cfg_path
+    return ad
 
 
 def _build_adapter(
@@ -361,7 +397,13 @@ def _build_adapter(
             continue
         name = m.group("module") or m.group("emodule")
         part = m.group("part") or m.group("epart")
-        slot = pairs.setdefault(name, {"kind": "embedding" if part.startswith("lora_embedding") else "linear"})
+        kind = "embedding" if part.startswith("lora_embedding") else "linear"
+        slot = pairs.setdefault(name, {"kind": kind})
+        if slot["kind"] != kind:
+            raise InputError(
+                f"{where}: module {shorten(name, 200)} has both lora_A/lora_B and lora_embedding_A/lora_embedding_B "
+                f"tensors; a module is either a linear layer or an embedding"
+            )
         slot["A" if part.endswith("A") else "B"] = entry
     if not pairs:
         raise InputError(f"{where}: no LoRA tensors found (expected keys like '<module>.lora_A.weight' / '<module>.lora_B.weight')")
@@ -383,14 +425,12 @@ def _build_adapter(
     use_rslora = bool(cfg.get("use_rslora", False))
     rank_pattern = cfg.get("rank_pattern") or {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
+    compiled: dict[str, list[tuple[str, re.Pattern]]] = {}
     for label, pat in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         if not isinstance(pat, dict):
             raise InputError(f"{where}: {label} must be an object")
+        compiled[label] = compile_patterns(pat, where, label)  # each key compiled once, not once per module
         for k, v in pat.items():
-            try:
-                re.compile(k)
-            except (re.error, RecursionError, OverflowError, ValueError):
-                raise InputError(f"{where}: {label} key {_short(k)} is not a valid regular expression") from None
             if not _sane_number(v) or (label == "rank_pattern" and (v <= 0 or int(v) != v)):
                 raise InputError(f"{where}: {label}[{_short(k)}] = {_short(v)} is not a valid {'rank' if label == 'rank_pattern' else 'alpha'}")
     used_patterns: set[tuple[str, str]] = set()
@@ -407,13 +447,18 @@ def _build_adapter(
                 raise InputError(f"{where}: tensor '{e.name}' has shape {list(e.shape)}, expected 2 dimensions")
             if e.dtype not in FLOAT_DTYPES:
                 raise InputError(f"{where}: tensor '{e.name}' has dtype {e.dtype}; LoRA factors must be floating point")
+        if 0 in (b.shape[0], a.shape[1]):
+            raise InputError(
+                f"{where}: module {shorten(name, 200)} has zero width: lora_A {list(a.shape)}, lora_B {list(b.shape)} "
+                f"(a module with no inputs or no outputs adapts nothing)"
+            )
         if a.shape[0] != b.shape[1]:
             raise InputError(f"{where}: module '{name}': lora_A has rank {a.shape[0]} but lora_B has rank {b.shape[1]}")
         if a.dtype != b.dtype:
             raise InputError(f"{where}: module '{name}': lora_A is {a.dtype} but lora_B is {b.dtype}")
         actual = a.shape[0]
         key = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-        rk, ak = pattern_key(rank_pattern, key), pattern_key(alpha_pattern, key)
+        rk, ak = first_match(compiled["rank_pattern"], key), first_match(compiled["alpha_pattern"], key)
         if rk is not None:
             used_patterns.add(("rank_pattern", rk))
         if ak is not None:
@@ -425,6 +470,11 @@ def _build_adapter(
         if actual == 0:
             raise InputError(f"{where}: module '{name}' has rank 0")
         scale = malpha / math.sqrt(mr) if use_rslora else malpha / mr
+        if not abs(scale) <= _F32_MAX:
+            raise InputError(
+                f"{where}: module {shorten(name, 200)}: scale alpha/{'sqrt(r)' if use_rslora else 'r'} = {scale:.3g} "
+                f"(lora_alpha {malpha:.3g}) does not fit float32 (max 3.4e38); the config is corrupt or hostile"
+            )
         modules[name] = LoraModule(
             name=name,
             kind=s["kind"],
@@ -440,7 +490,7 @@ def _build_adapter(
     for label, pat in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         for k in pat:
             if (label, k) not in used_patterns:
-                notes.append(f"{label} key {k!r} matches no module in this adapter")
+                notes.append(f"{label} key {shorten(k, 200)} matches no module in this adapter")
     config = {k: v for k, v in cfg.items()}
     config.setdefault("r", r)
     return Adapter(
@@ -497,7 +547,8 @@ class OutputTarget:
     """Atomic creation of an output (a PEFT directory or a single ``.safetensors`` file).
 
     Everything is written into a temporary sibling (``.adaptermerge-tmp-*``) and renamed onto the target at the end;
-    on any error the temporary is removed and an existing target is left untouched.
+    on any error the temporary (and any folder created for the output) is removed and an existing target is left
+    untouched. Without ``force`` the final rename refuses an output that appeared meanwhile (a concurrent merge).
     """
 
     def __init__(self, target: Path, *, force: bool, inputs: list[Path]):
@@ -508,23 +559,34 @@ class OutputTarget:
         self._tmpdir: Path | None = None
         self._config: dict[str, Any] | None = None
         self._weights_tmp: Path | None = None
+        self._created: list[Path] = []  # folders this run created for the output, deepest first
 
     def __enter__(self) -> "OutputTarget":
         parent = self.target.parent
+        missing = []
+        q = parent
+        while not os.path.lexists(q) and q != q.parent:
+            missing.append(q)
+            q = q.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
+            self._remove_created(missing)
             blocker = next((q for q in (parent, *parent.parents) if os.path.lexists(q) and not q.is_dir()), parent)
             raise OutputError(f"{blocker}: is a file, not a folder: cannot create the output folder {parent}") from None
         except OSError as e:
+            self._remove_created(missing)
             raise OutputError(f"{parent}: cannot create output folder: {e.strerror or e}") from None
+        self._created = missing
         if not os.access(parent, os.W_OK):
+            self._cleanup()
             raise OutputError(f"{parent}: output folder is not writable")
         self.cleaned = clean_stale_temps(parent)  # leftovers of killed runs (dead pids on this host only)
         if not self.is_file:
             try:
                 self._tmpdir = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=parent))
             except OSError as e:
+                self._cleanup()
                 raise OutputError(f"{parent}: cannot create a folder there: {e.strerror or e}") from None
         return self
 
@@ -545,7 +607,7 @@ class OutputTarget:
             return
         try:
             if self.is_file:
-                os.replace(self._weights_tmp, self.target)
+                _place(self._weights_tmp, self.target, force=self.force, is_file=True)
                 self._weights_tmp = None
                 _fsync_dir(self.target.parent)
             else:
@@ -556,18 +618,68 @@ class OutputTarget:
                     f.flush()
                     os.fsync(f.fileno())
                 _fsync_dir(self._tmpdir)
-                _replace_dir(self._tmpdir, self.target)
+                _place(self._tmpdir, self.target, force=self.force, is_file=False)
                 self._tmpdir = None
                 _fsync_dir(self.target.parent)
+        except AdapterMergeError:
+            self._cleanup()
+            raise
         except OSError as e:
             self._cleanup()
             raise OutputError(f"{self.target}: write failed: {e.strerror or e}") from None
+        except BaseException:  # Ctrl-C in the last instant: leave nothing of ours behind
+            self._cleanup()
+            raise
 
     def _cleanup(self) -> None:
         if self._weights_tmp is not None and self.is_file:
             self._weights_tmp.unlink(missing_ok=True)
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+        self._remove_created(self._created)
+        self._created = []
+
+    @staticmethod
+    def _remove_created(folders: list[Path]) -> None:
+        """Remove the (still empty) folders this run created for the output, deepest first."""
+        for d in folders:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+
+
+def _replaceable(target: Path, *, is_file: bool) -> None:
+    """What ``force`` may replace: a regular file (file output) or an empty / adapter folder (folder output), links
+    followed. Anything else (a FIFO, a device, a socket, a dangling link, a foreign folder) is refused: replacing
+    it would destroy something that is not an adapter, and a FIFO could block the clean-up forever."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        raise OutputError(f"{target} is a symbolic link to nothing (dangling); refusing to replace it even with --force") from None
+    except OSError as e:
+        raise OutputError(f"{target}: cannot examine the existing output: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        if is_file:
+            raise OutputError(f"{target} is a directory; cannot replace it with a file")
+        _check_replaceable_dir(target)
+    elif stat.S_ISREG(st.st_mode):
+        if not is_file:
+            raise OutputError(f"{target} is a file; a PEFT adapter output must be a directory (or end in .safetensors)")
+    else:
+        raise OutputError(
+            f"{target} is {_file_kind(st.st_mode)}, not a regular file or an adapter directory; refusing to replace it "
+            f"even with --force: choose another output"
+        )
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def _check_replaceable_dir(target: Path) -> None:
@@ -602,8 +714,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``). False where the OS or file system cannot."""
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """Linux ``renameat2``; False where the OS or file system does not support it, OSError on a real failure."""
     try:
         import ctypes
 
@@ -611,8 +723,8 @@ def _rename_exchange(a: Path, b: Path) -> bool:
         fn = libc.renameat2
     except (OSError, AttributeError, ImportError):
         return False
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
@@ -620,15 +732,82 @@ def _rename_exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory onto ``dst``. An existing ``dst`` is swapped with it atomically where the OS can
-    (so ``dst`` always holds the old or the new output, whenever the process dies), else renamed aside first; the
-    old one is then removed."""
-    if not dst.exists():
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``). False where the OS or file system cannot."""
+    return _renameat2(a, b, 2)
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` only if ``dst`` does not exist, atomically; FileExistsError otherwise.
+
+    ``renameat2(RENAME_NOREPLACE)`` where the OS has it; else a file is hard-linked (``link`` fails on an existing
+    name) and its temporary name removed, and a folder is renamed onto an empty folder created exclusively for it
+    (``rename`` fails if anyone put something in it).
+    """
+    if _renameat2(src, dst, 1):
+        return
+    if os.path.isdir(src):
+        os.mkdir(dst)  # FileExistsError if it appeared
+        try:
+            os.rename(src, dst)
+        except OSError:
+            try:
+                os.rmdir(dst)
+            except OSError:
+                pass
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        return
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this file system: the check and the rename are separate steps
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
+def _remove_old(old: Path) -> None:
+    """Remove a replaced output: a folder's tree, or just the name (a link, a file); never opens what it removes."""
+    try:
+        st = os.lstat(old)
+    except OSError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        try:
+            os.unlink(old)
+        except OSError:
+            pass
+
+
+def _place(src: Path, dst: Path, *, force: bool, is_file: bool) -> None:
+    """Move a finished output onto ``dst``.
+
+    A new name is taken with a no-replace rename: an output that appeared meanwhile (a concurrent merge) is never
+    replaced silently; without ``force`` that is an :class:`OutputError`. With ``force`` an existing ``dst`` is
+    checked again (:func:`_replaceable`: it may have changed since the run started) and swapped atomically where the
+    OS can (so ``dst`` always holds the old or the new output, whenever the process dies), else renamed aside
+    first; the old one is then removed.
+    """
+    if not os.path.lexists(dst):
+        try:
+            _rename_noreplace(src, dst)
+            return
+        except FileExistsError:
+            if not force:
+                raise OutputError(f"{dst} appeared while this merge ran (another merge?); not replacing it: pass --force (force=True) to replace it") from None
+    elif not force:
+        raise OutputError(f"{dst} appeared while this merge ran (another merge?); not replacing it: pass --force (force=True) to replace it")
+    _replaceable(dst, is_file=is_file)
+    if is_file:
         os.replace(src, dst)
         return
     if not dst.is_symlink() and _rename_exchange(src, dst):
-        shutil.rmtree(src, ignore_errors=True)  # src now holds the old output (a named temporary if we die here)
+        _remove_old(src)  # src now holds the old output (a named temporary if we die here)
         return
     old = Path(tempfile.mkdtemp(prefix=temp_prefix("old-"), dir=dst.parent))
     os.rmdir(old)
@@ -638,29 +817,61 @@ def _replace_dir(src: Path, dst: Path) -> None:
     except OSError:
         os.replace(old, dst)
         raise
-    if old.is_symlink():  # the output was a link to a folder: drop the link, never the folder it points to
-        old.unlink()
-    else:
-        shutil.rmtree(old, ignore_errors=True)
+    _remove_old(old)  # a link to a folder: only the link goes, never the folder it points to
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished directory onto ``dst``, replacing it (kept for callers of the former API)."""
+    _place(src, dst, force=True, is_file=False)
+
+
+def _real(path: str | os.PathLike) -> str:
+    """The real location of ``path``: every symbolic link followed (as far as the path exists); loops and dangling
+    links end the resolution instead of raising."""
+    try:
+        return os.path.realpath(path)
+    except (OSError, ValueError) as e:  # a NUL byte in the path
+        raise ParameterError(f"{shorten(os.fspath(path), 200)}: invalid path ({type(e).__name__})") from None
+
+
+def input_locations(path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """(files, folders) an input makes adaptermerge read, as real paths (links followed, file by file): the input
+    itself, and for a folder its weights and config files; a weights file named ``adapter_model.safetensors`` is
+    read with the ``adapter_config.json`` beside it. The folders are the adapter folders: no output may go inside
+    them."""
+    p = os.fspath(path)
+    files = [p]
+    folders: list[str] = []
+    if os.path.isdir(p):
+        folders.append(_real(p))
+        files += [os.path.join(p, WEIGHTS_NAME), os.path.join(p, CONFIG_NAME)]
+    elif os.path.basename(p) == WEIGHTS_NAME:
+        folders.append(_real(os.path.dirname(p) or "."))
+        files.append(os.path.join(os.path.dirname(p) or ".", CONFIG_NAME))
+    return [_real(f) for f in files], folders
+
+
+def _within(inner: str, outer: str) -> bool:
+    """True if real path ``inner`` is ``outer`` or lies under it."""
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 
 def check_output_path(target: Path, *, force: bool, inputs: list[Path]) -> None:
     """Refuse an output that exists without ``force``, that lies inside (or is) an input or contains one, or
-    (even with ``force``) an existing folder that is not an adapter folder: replacing it would delete it."""
-    t = target.resolve()
+    (even with ``force``) anything but a regular file or an adapter folder: replacing it would delete it.
+
+    Every input's real location is protected: the input path, its weights and config files and its folder, each with
+    all symbolic links followed (a weights file that is a link into another folder protects that folder too).
+    """
+    t = _real(target)
     for i in inputs:
-        ip = Path(i).resolve()
-        base = ip if os.path.isdir(ip) else ip.parent if ip.name == WEIGHTS_NAME else None
-        if t == ip or (base is not None and (t == base or base in t.parents)):
-            raise ParameterError(f"output {target} is inside input {i}; choose another output path")
-        if t in ip.parents:
-            raise ParameterError(f"output {target} contains input {i}; replacing it would delete the input, choose another output path")
+        files, folders = input_locations(i)
+        for loc in files + folders:
+            if t == loc or (loc in folders and _within(t, loc)):
+                raise ParameterError(f"output {target} is inside input {i}; choose another output path")
+            if _within(loc, t):
+                raise ParameterError(f"output {target} contains input {i}; replacing it would delete the input, choose another output path")
     if os.path.lexists(target):  # (never raises: an unreachable target fails later, at mkdir, as an OutputError)
         if not force:
             raise OutputError(f"{target} already exists; pass --force (force=True) to replace it")
-        if target.is_dir() and target.suffix != ".safetensors":
-            _check_replaceable_dir(target)
-        if target.is_dir() and target.suffix == ".safetensors":
-            raise OutputError(f"{target} is a directory; cannot replace it with a file")
-        if target.is_file() and target.suffix != ".safetensors":
-            raise OutputError(f"{target} is a file; a PEFT adapter output must be a directory (or end in .safetensors)")
+        _replaceable(target, is_file=target.suffix == ".safetensors")

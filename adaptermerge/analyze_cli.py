@@ -19,7 +19,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import OutputError, ParameterError
+from rich.markup import escape
+
+from .errors import OutputError, ParameterError, printable
 
 _out = Console(soft_wrap=True)
 _err = Console(stderr=True, soft_wrap=True)
@@ -92,7 +94,14 @@ def _check_plot_target(plot: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ formatting
 def _short(name: str) -> str:
-    return name.removeprefix("base_model.model.").removeprefix("model.")
+    """A module / layer name for the tables: shortened, and safe inside markup (names come from files: ``[/x]`` is
+    shown, not parsed; control characters are escaped)."""
+    return _safe(name.removeprefix("base_model.model.").removeprefix("model."))
+
+
+def _safe(text: Any) -> str:
+    """Text from a file or the command line, for a markup-rendered cell or line: escaped markup, printable."""
+    return escape(printable(str(text)))
 
 
 def _f(x: float | None, spec: str = ".3f") -> str:
@@ -167,7 +176,7 @@ def render(result: dict[str, Any], console: Console, *, top: int, sort: str) -> 
     for col in ("", "adapter", "modules", "ranks", "‖ΔW‖_F", "eff. rank (mean)"):
         t.add_column(col, justify="left" if col in ("", "adapter") else "right")
     for i, inp in enumerate(result["inputs"]):
-        t.add_row(inp["label"], inp["name"], str(inp["modules"]), ",".join(map(str, inp["ranks"])),
+        t.add_row(_safe(inp["label"]), _safe(inp["name"]), str(inp["modules"]), ",".join(map(str, inp["ranks"])),
                   _f(overall["norm"][i], ".4g"), _f(overall["effective_rank_mean"][i], ".2f"))
     console.print(t)
 
@@ -234,7 +243,7 @@ def render(result: dict[str, Any], console: Console, *, top: int, sort: str) -> 
         console.print(t)
         console.print("projection 1 = the merge keeps all of that input's delta, 0 = none of it (see docs/diagnostics.md)")
     for note in result["notes"]:
-        console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {_safe(note)}", highlight=False)
 
 
 # ------------------------------------------------------------------------------------------------ plot
@@ -386,13 +395,15 @@ def analyze(
     if plot is not None:
         write_plot(result, plot)
         result["plot"] = str(plot)
+    from .cli import print_json, stdout_guard
+
     if json_out:
-        sys.stdout.write(json.dumps(result, allow_nan=False) + "\n")
-        sys.stdout.flush()
+        print_json(result, done=f" (the plot was written to {plot})" if plot is not None else "")
         return
     console = _out
     if not console.is_terminal:
         console = Console(soft_wrap=True, width=220)
-    render(result, console, top=top, sort=sort)
-    if plot is not None:
-        console.print(f"plot written to {plot}")
+    with stdout_guard():
+        render(result, console, top=top, sort=sort)
+        if plot is not None:
+            console.print(f"plot written to {_safe(plot)}")

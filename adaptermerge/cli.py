@@ -6,6 +6,8 @@ Every error is one line on stderr, ``error: <what, naming the file/tensor/parame
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -22,8 +24,9 @@ except ImportError:  # pragma: no cover - older typer on the real click
     from click import exceptions as click_exc
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from .errors import AdapterMergeError, InputError, ParameterError
+from .errors import AdapterMergeError, InputError, OutputError, ParameterError, printable, shorten
 
 app = typer.Typer(
     name="adaptermerge",
@@ -69,33 +72,109 @@ def _rank(value: Any) -> int | str | None:
         raise ParameterError(f"--rank must be a positive integer or 'full', got {value!r}") from None
 
 
+def _yaml_loader():
+    """PyYAML's safe loader without aliases: ``*name`` is refused while the document is composed, so an alias bomb
+    (each level referring to the previous one nine times: 384 bytes, gigabytes once expanded) never expands."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None, None, f"YAML aliases (*{shorten(event.anchor, 40)[1:-1]}) are not allowed in adaptermerge configs",
+                    event.start_mark)
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
 def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a merge config (.yaml/.yml, .toml or .json) into a plain dict and check its keys."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"{path}: cannot read config: {e.strerror or e}") from None
+    """Read a merge config (.yaml/.yml, .toml or .json) into a plain dict and check its keys and value types.
+
+    The file is read like every input: non-blocking open, regular files only, size-capped (a FIFO, ``/dev/zero``
+    or a sparse 8 GiB file is refused); YAML without aliases; JSON without duplicate keys.
+    """
+    from .safetensors_io import DuplicateKeyError, has_lone_surrogate, read_small_text, strict_json
+
+    if path.suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise InputError(f"{path}: config must be .yaml, .yml, .toml or .json")
+    text = read_small_text(path, "config", limit=CONFIG_MAX_BYTES)
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass without aliases
         elif path.suffix == ".toml":
             data = tomllib.loads(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
         else:
-            raise InputError(f"{path}: config must be .yaml, .yml, .toml or .json")
-    except InputError:
-        raise
-    except Exception as e:  # parser errors of three libraries
-        raise InputError(f"{path}: cannot parse config: {str(e).splitlines()[0]}") from None
+            data = strict_json(text)
+    except DuplicateKeyError as e:
+        raise InputError(f"{path}: key {shorten(e.key)} appears twice") from None
+    except Exception as e:  # parser errors of three libraries (RecursionError included)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{path}: cannot parse config: {shorten(first, 200)[1:-1]}") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: config must be a mapping of options")
-    unknown = set(data) - CONFIG_KEYS
+    if has_lone_surrogate(data):
+        raise InputError(f"{path}: holds a lone surrogate (\\ud800-\\udfff): not valid text")
+    unknown = [k for k in data if k not in CONFIG_KEYS]
     if unknown:
-        raise ParameterError(f"{path}: unknown config keys {sorted(unknown)} (valid: {sorted(CONFIG_KEYS)})")
+        raise ParameterError(f"{path}: unknown config keys {shorten(sorted(map(str, unknown)), 200)} (valid: {sorted(CONFIG_KEYS)})")
+    _check_config_types(data, path)
     return data
+
+
+#: The largest --config file read (a recipe is a few hundred bytes; a long list of inputs a few KB).
+CONFIG_MAX_BYTES = 1024 * 1024
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _config_type_error(path: Path, key: str, want: str, v: Any) -> ParameterError:
+    return ParameterError(f"{path}: config {key} must be {want}, got {shorten(v)} ({type(v).__name__})")
+
+
+def _check_config_types(cfg: dict[str, Any], path: Path) -> None:
+    """Every config value has the type the option takes: YAML/TOML/JSON give real booleans, numbers, strings and
+    lists, so ``"false"`` (a string, i.e. true) is refused instead of replacing an output or letting NaN through."""
+    want: dict[str, tuple[str, Any]] = {
+        "method": ("a string", lambda v: isinstance(v, str)),
+        "output": ("a string (a path)", lambda v: isinstance(v, str) and v != ""),
+        "svd": ("a string", lambda v: isinstance(v, str)),
+        "dtype": ("a string", lambda v: isinstance(v, str)),
+        "extra_tensors": ("a string", lambda v: isinstance(v, str)),
+        "force": ("true or false", lambda v: isinstance(v, bool)),
+        "allow_nonfinite": ("true or false", lambda v: isinstance(v, bool)),
+        "seed": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+        "svd_niter": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+        "svd_oversample": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+        "rank": ("a positive integer or 'full'", lambda v: v == "full" or isinstance(v, int) and not isinstance(v, bool)),
+        "alpha": ("a finite number", _is_number),
+        "weights": ("a list of numbers", lambda v: isinstance(v, list) and all(_is_number(x) for x in v)),
+        "params": ("a mapping of parameter names to values", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)),
+        "inputs": ("a list of paths or of mappings with 'path'", lambda v: isinstance(v, list)),
+    }
+    for key, v in cfg.items():
+        if v is None:
+            continue  # the same as leaving the key out
+        what, ok = want[key]
+        if not ok(v):
+            raise _config_type_error(path, key, what, v)
+    for name, v in (cfg.get("params") or {}).items():
+        flat = v if isinstance(v, list) else [v]
+        if not all(isinstance(x, (bool, int, float, str)) for x in flat):
+            raise _config_type_error(path, f"params.{shorten(name, 40)[1:-1]}", "a number, a string, true/false or a list of numbers", v)
+    for i, item in enumerate(cfg.get("inputs") or []):
+        if isinstance(item, str):
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+            raise _config_type_error(path, f"inputs[{i}]", "a path (a string) or a mapping with 'path' (a string)", item)
+        for k in ("weight", "density", "alpha"):
+            if item.get(k) is not None and not _is_number(item[k]):
+                raise _config_type_error(path, f"inputs[{i}].{k}", "a finite number", item[k])
 
 
 def _expand_inputs(cfg: dict[str, Any], base: Path) -> tuple[list[str], list[float] | None, list[float] | None, list[float | None]]:
@@ -107,7 +186,7 @@ def _expand_inputs(cfg: dict[str, Any], base: Path) -> tuple[list[str], list[flo
             raise ParameterError(f"config inputs[{i}] must be a path or a mapping with 'path'")
         unknown = set(item) - INPUT_KEYS
         if unknown:
-            raise ParameterError(f"config inputs[{i}]: unknown keys {sorted(unknown)} (valid: {sorted(INPUT_KEYS)})")
+            raise ParameterError(f"config inputs[{i}]: unknown keys {shorten(sorted(map(str, unknown)), 200)} (valid: {sorted(INPUT_KEYS)})")
         p = Path(str(item["path"]))
         paths.append(str(p if p.is_absolute() else base / p))
         weights.append(item.get("weight"))
@@ -120,6 +199,61 @@ def _expand_inputs(cfg: dict[str, Any], base: Path) -> tuple[list[str], list[flo
     if d is not None and any(x is None for x in d):
         raise ParameterError("config: give a density for every input or for none")
     return paths, w, d, alphas
+
+
+def plain(value: Any) -> Text:
+    """Text from a file or the command line (tensor, module and file names, metadata, config values) as a rich
+    ``Text``: never read as markup (``[/x]`` is shown, not parsed), control characters and lone surrogates escaped
+    (terminal escape codes in a tensor name are shown, not obeyed)."""
+    return Text(printable(str(value)))
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None: JSON has no NaN (``json.dumps`` would write a bare
+    ``NaN`` that JSON parsers refuse)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+class StdoutError(OutputError):
+    """Standard output could not be written (a full disk behind ``> file``, a closed pipe)."""
+
+
+@contextlib.contextmanager
+def stdout_guard(done: str = ""):
+    """Turn a failed write to stdout (``> /dev/full``, a closed pipe) into one-line :class:`StdoutError` (exit 5)
+    instead of a traceback. ``done`` says what was completed anyway (e.g. the merged adapter was written)."""
+    try:
+        yield
+        sys.stdout.flush()
+    except OSError as e:
+        _silence_stdout()
+        if e.errno == errno.EPIPE:
+            raise StdoutError(f"standard output: the reader closed the pipe{done}") from None
+        raise StdoutError(f"standard output: write failed: {e.strerror or e}{done}") from None
+
+
+def _silence_stdout() -> None:
+    """After stdout failed, point it at /dev/null: the interpreter's final flush would fail again (and turn the
+    exit status into 120)."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def print_json(obj: Any, done: str = "") -> None:
+    """Write ``obj`` as JSON on stdout (ASCII, NaN/Inf as null), guarded by :func:`stdout_guard`."""
+    text = json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n"
+    with stdout_guard(done):
+        sys.stdout.write(text)
 
 
 def _widen(console: Console) -> None:
@@ -215,7 +349,7 @@ def merge(
     method_name = method or cfg.get("method", "linear")
     # 1. every option, before any file is opened
     validate_options(method_name, len(paths), w, params, **opts)
-    target = output if output is not None else (base / str(cfg["output"]) if cfg.get("output") else None)
+    target = output if output is not None else (base / cfg["output"] if cfg.get("output") else None)
     if target is None:
         raise ParameterError("no output: pass -o/--output (a directory, or a file ending in .safetensors)")
     force = force or bool(cfg.get("force", False))
@@ -234,31 +368,33 @@ def merge(
         summary = merge_to(target, adapters, method_name, w, force=force, allow_nonfinite=allow_nonfinite or bool(cfg.get("allow_nonfinite")), **opts, **params)
     summary["output"] = str(target)
     if json_out:
-        out.print_json(json.dumps(summary))
+        print_json(summary, done=f" (the merged adapter was written to {target})")
     elif not quiet:
         _print_merge_summary(summary)
 
 
 def _print_merge_summary(s: dict[str, Any]) -> None:
-    t = Table(title=f"merged with {s['method']} -> {s['output']}", show_lines=False)
+    # everything that comes from a file or the command line is plain text (plain()), never markup
+    t = Table(title=plain(f"merged with {s['method']} -> {s['output']}"), show_lines=False)
     for col in ("input", "weight", "modules", "ranks", "dtype"):
         t.add_column(col)
     for inp, w in zip(s["inputs"], s["weights"]):
-        t.add_row(inp["name"], f"{w:g}", str(inp["modules"]), ",".join(map(str, inp["ranks"])), inp["dtype"])
+        t.add_row(plain(inp["name"]), f"{w:g}", str(inp["modules"]), ",".join(map(str, inp["ranks"])), plain(inp["dtype"]))
+    say = lambda text: err.print(plain(text), highlight=False)  # noqa: E731
     err.print(t)
     ranks = sorted({m["rank"] for m in s["modules"].values()})
-    err.print(
+    say(
         f"{s['n_modules']} modules, output rank {','.join(map(str, ranks))}, dtype {s['output_dtype']}; "
         f"relative truncation error max {s['max_rel_error']:.3g}, mean {s['mean_rel_error']:.3g}; {s['seconds']:.2f} s"
     )
     for inp in s["inputs"]:
         for note in inp["notes"]:
-            err.print(f"note: {inp['name']}: {note}")
+            say(f"note: {inp['name']}: {note}")
     missing = [n for n in s["notes"] if "missing" in n]
     if missing:
-        err.print(f"note: {len(missing)} module(s) missing from some inputs were treated as zero deltas there, e.g. {missing[0]}")
+        say(f"note: {len(missing)} module(s) missing from some inputs were treated as zero deltas there, e.g. {missing[0]}")
     for k, why in s["extra_tensors"].items():
-        err.print(f"note: non-LoRA tensor {k}: {why}")
+        say(f"note: non-LoRA tensor {k}: {why}")
 
 
 # ------------------------------------------------------------------------------------------------ inspect
@@ -271,14 +407,26 @@ def inspect(
     """Show an adapter's modules, shapes, ranks, alpha/scaling, dtype, delta norms and provenance."""
     from .adapter import load_adapter
     from .lowrank import delta_norm
+    from .safetensors_io import gib, memory_limit_bytes
 
     a = load_adapter(path, alpha=alpha, require_alpha=False)
     rows = []
+    limit = memory_limit_bytes()
     for m in a.modules.values():
-        b, aa = a.factors(m.name, check_finite=False)
+        # the factors as read, scaled float32 copies, and delta_norm's float64 copies: checked before reading
+        need = (m.out_features + m.in_features) * m.rank * ({"F64": 8, "F32": 4}.get(m.dtype, 2) + 4 + 16)
+        if need > limit:
+            raise InputError(f"{a.name}: module {shorten(m.name, 200)} needs about {gib(need)} of memory to inspect, "
+                             f"more than the {gib(limit)} this process can have")
+        try:
+            b, aa = a.factors(m.name, check_finite=False)
+            norm = delta_norm(b, aa)
+        except MemoryError:
+            raise InputError(f"{a.name}: module {shorten(m.name, 200)}: out of memory while reading it") from None
+        del b, aa
         rows.append({
             "module": m.name, "kind": m.kind, "shape": list(m.shape), "rank": m.rank, "alpha": m.alpha,
-            "scale": m.scale, "dtype": m.dtype, "delta_norm": delta_norm(b, aa),
+            "scale": m.scale, "dtype": m.dtype, "delta_norm": norm,
         })
     info = {
         "path": str(path), "weights_file": str(a.weights_file), "sha256": a.sha256(), "n_modules": len(rows),
@@ -286,23 +434,26 @@ def inspect(
         "extra_tensors": sorted(a.extras), "provenance": a.metadata, "notes": a.notes, "modules": rows,
     }
     if json_out:
-        out.print_json(json.dumps(info))
+        print_json(info)
         return
     _widen(out)
-    t = Table(title=f"{path}  ({len(rows)} modules, sha256 {info['sha256'][:12]}…)")
+    # everything that comes from the file is plain text (plain()), never markup, never raw control characters
+    t = Table(title=plain(f"{path}  ({len(rows)} modules, sha256 {info['sha256'][:12]}…)"))
     for col in ("module", "kind", "shape", "rank", "alpha", "scale", "dtype", "‖ΔW‖_F"):
         t.add_column(col, justify="right" if col not in ("module", "kind", "dtype") else "left")
     for r in rows:
-        t.add_row(r["module"].removeprefix("base_model.model."), r["kind"], "x".join(map(str, r["shape"])), str(r["rank"]),
+        t.add_row(plain(r["module"].removeprefix("base_model.model.")), r["kind"], "x".join(map(str, r["shape"])), str(r["rank"]),
                   f"{r['alpha']:g}", f"{r['scale']:.4g}", r["dtype"], f"{r['delta_norm']:.4g}")
-    out.print(t)
-    out.print("config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
-    if a.extras:
-        out.print(f"non-LoRA tensors: {', '.join(sorted(a.extras))}")
-    for k, v in sorted(a.metadata.items()):
-        out.print(f"metadata {k}: {v if len(v) < 300 else v[:300] + '…'}")
-    for n in a.notes:
-        out.print(f"note: {n}")
+    with stdout_guard():
+        out.print(t)
+        say = lambda text: out.print(plain(text), highlight=False)  # noqa: E731
+        say("config: " + ", ".join(f"{k}={shorten(v, 300) if not isinstance(v, str) else v[:300]}" for k, v in info["config"].items()))
+        if a.extras:
+            say(f"non-LoRA tensors: {', '.join(sorted(a.extras))}")
+        for k, v in sorted(a.metadata.items()):
+            say(f"metadata {k}: {v if len(v) < 300 else v[:300] + '…'}")
+        for n in a.notes:
+            say(f"note: {n}")
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -313,7 +464,7 @@ def methods(json_out: bool = typer.Option(False, "--json", help="Print machine-r
 
     info = describe()
     if json_out:
-        out.print_json(json.dumps(info))
+        print_json(info)
         return
     _widen(out)
     t = Table(show_lines=True)
@@ -325,7 +476,8 @@ def methods(json_out: bool = typer.Option(False, "--json", help="Print machine-r
             rng = p.get("choices") or p.get("range")
             ps.append(f"{p['name']}={p['default']!r}" + (f" {rng}" if rng else "") + (" (per input)" if p.get("per_input") else ""))
         t.add_row(f"[bold]{m['name']}[/]\n{m['summary']}", m["kind"], "\n".join(ps) or "-", m["paper"])
-    out.print(t)
+    with stdout_guard():
+        out.print(t)
 
 
 # ------------------------------------------------------------------------------------------------ analyze
@@ -366,25 +518,43 @@ def main(argv: list[str] | None = None) -> int:
     _load_plugins()
     cmd = typer.main.get_command(app)
     try:
-        cmd.main(args=argv, prog_name="adaptermerge", standalone_mode=False)
+        rv = cmd.main(args=argv, prog_name="adaptermerge", standalone_mode=False)
     except AdapterMergeError as e:
-        err.print(f"error: {e}", highlight=False, markup=False)
+        _error_line(str(e))
         return e.exit_code
     except typer.Exit as e:
-        return e.exit_code
+        return _exit_status(e.exit_code)
     except typer.Abort:
-        err.print("error: aborted")
+        _error_line("aborted")
         return 130
+    except KeyboardInterrupt:  # outside typer's own handler (e.g. while loading plugins)
+        return _exit_status(130)
     except click_exc.NoArgsIsHelpError:
         return 2  # the help text has been printed
     except click_exc.UsageError as e:
         where = f"{e.ctx.command_path}: " if e.ctx else ""
-        err.print(f"error: {where}{e.format_message()}", highlight=False, markup=False)
+        _error_line(f"{where}{e.format_message()}")
         return 2
     except click_exc.ClickException as e:
-        err.print(f"error: {e.format_message()}", highlight=False, markup=False)
+        _error_line(e.format_message())
         return e.exit_code
-    return 0
+    # typer returns the status of an ``Exit`` it raised itself: 130 for Ctrl-C (KeyboardInterrupt), which must
+    # reach the shell (``merge && upload`` must not go on)
+    return _exit_status(rv) if isinstance(rv, int) and not isinstance(rv, bool) else 0
+
+
+def _exit_status(code: int) -> int:
+    if code == 130:
+        _error_line("interrupted (Ctrl-C)")
+    return code
+
+
+def _error_line(message: str) -> None:
+    """``error: <message>`` on stderr, one printable line; a failing stderr is ignored (the exit code remains)."""
+    try:
+        err.print(Text(f"error: {printable(message)}"), highlight=False, soft_wrap=True)
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -47,7 +47,7 @@ import torch
 
 from .adapter import PEFT_PREFIX, Adapter, load_adapter
 from .engine import module_seed
-from .errors import IncompatibleInputsError, ParameterError
+from .errors import IncompatibleInputsError, InputError, ParameterError
 from .ops import density_to_k
 
 if TYPE_CHECKING:
@@ -437,6 +437,23 @@ def _analyze_module(
     return res, factors, cores
 
 
+def _module_failure(info: ModuleInfo, adapters: Sequence[Adapter], e: BaseException) -> InputError:
+    """A one-line InputError naming the input whose (finite but huge) factors broke a module's analysis."""
+    if isinstance(e, MemoryError):
+        return InputError(f"module '{info.name}' ({info.shape[0]}x{info.shape[1]}): out of memory while analyzing it")
+    from .engine import _nonfinite_inputs
+
+    _, overflow, biggest = _nonfinite_inputs(info, adapters)  # type: ignore[arg-type]  (uses .name and .present)
+
+    def size(i: int) -> float:
+        b, a = adapters[i].factors(info.name, check_finite=False)
+        return float(b.abs().max()) * float(a.abs().max()) if b.numel() and a.numel() else 0.0
+
+    culprit = overflow[0] if overflow else adapters[max(info.present, key=size)].name
+    return InputError(f"{culprit}: module '{info.name}': its factors are too large to analyze (the SVD fails; "
+                      f"deltas reach {biggest:.3g}); the adapter is corrupt or hostile")
+
+
 def _linear_preview(
     cores: Sequence[torch.Tensor], present: Sequence[int], plan_mod: "ModulePlan", mp: "MergePlan"
 ) -> tuple[torch.Tensor, float]:
@@ -490,10 +507,10 @@ def _preview_module(
             b_i, a_i = factors[i]
             inner[i] = float(((b_i.double().T @ merged) * a_i.double()).sum())  # trace(B^T M A^T)
     else:
-        from .engine import _merge_module
+        from .engine import _merge_module_checked
         from .lowrank import delta_inner
 
-        b, a, err = _merge_module(plan_mod, mp, adapters, True)
+        b, a, err = _merge_module_checked(plan_mod, mp, adapters, True)  # overflow: an InputError naming the file
         sq = max(delta_inner(b, a, b, a), 0.0)
         for i in res.info.present:
             inner[i] = delta_inner(b, a, factors[i][0], factors[i][1])
@@ -702,7 +719,10 @@ def analyze(
     for k, info in enumerate(mods):
         if progress:
             progress(k, len(mods), info.name)
-        res, factors, cores = _analyze_module(info, ads, n, float(top_k_fraction), samples, seed, subspace_k)
+        try:
+            res, factors, cores = _analyze_module(info, ads, n, float(top_k_fraction), samples, seed, subspace_k)
+        except (torch.linalg.LinAlgError, MemoryError) as e:
+            raise _module_failure(info, ads, e) from None
         if info.name in preview_set:
             _preview_module(res, plans[info.name], mp, ads, factors, cores, n)
         del factors, cores

@@ -37,7 +37,7 @@ from .adapter import (
     load_adapter,
     resolve_output_dtype,
 )
-from .errors import IncompatibleInputsError, InputError, OutputError, ParameterError
+from .errors import IncompatibleInputsError, InputError, OutputError, ParameterError, shorten
 from .lowrank import concat_factors, full_rank_factors, truncate_dense, truncate_factors
 from .registry import Method, resolve
 from .safetensors_io import SafetensorsWriter, gib, memory_limit_bytes, read_tensor
@@ -98,6 +98,20 @@ def retain_freed_memory() -> bool:
     return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1)) == 1
 
 
+#: Power iterations beyond a handful change nothing measurable (2 is the default, 4-7 for slowly decaying spectra);
+#: the bound keeps a shared recipe from spinning for hours.
+MAX_SVD_NITER = 100
+#: Extra sketch columns are capped by the module's size anyway; the bound only refuses nonsense.
+MAX_SVD_OVERSAMPLE = 1 << 20
+
+
+def check_flag(name: str, value: Any) -> None:
+    """A yes/no option must be a real bool: ``"false"`` is a non-empty string, i.e. true, and must not replace an
+    output or let NaN through."""
+    if not isinstance(value, bool):
+        raise ParameterError(f"{name} must be true or false, got {shorten(value)}")
+
+
 def validate_options(
     method: str,
     n_inputs: int,
@@ -125,10 +139,10 @@ def validate_options(
         raise ParameterError("method 'cat' is an exact concatenation (rank = sum of input ranks); do not pass rank")
     if svd not in ("randomized", "exact"):
         raise ParameterError(f"svd must be 'randomized' or 'exact', got {svd!r}")
-    if isinstance(svd_niter, bool) or not isinstance(svd_niter, int) or svd_niter < 0:
-        raise ParameterError(f"svd_niter must be an integer >= 0, got {svd_niter!r}")
-    if isinstance(svd_oversample, bool) or not isinstance(svd_oversample, int) or svd_oversample < 0:
-        raise ParameterError(f"svd_oversample must be an integer >= 0, got {svd_oversample!r}")
+    if isinstance(svd_niter, bool) or not isinstance(svd_niter, int) or not 0 <= svd_niter <= MAX_SVD_NITER:
+        raise ParameterError(f"svd_niter must be an integer in [0, {MAX_SVD_NITER}], got {shorten(svd_niter)}")
+    if isinstance(svd_oversample, bool) or not isinstance(svd_oversample, int) or not 0 <= svd_oversample <= MAX_SVD_OVERSAMPLE:
+        raise ParameterError(f"svd_oversample must be an integer in [0, {MAX_SVD_OVERSAMPLE}], got {shorten(svd_oversample)}")
     resolve_output_dtype(dtype, "F32")
     if extra_tensors not in ("identical", "first"):
         raise ParameterError(f"extra_tensors must be 'identical' or 'first', got {extra_tensors!r}")
@@ -184,7 +198,7 @@ def plan(
         else:
             target = max_rank if rank is None else rank
             out_rank = min(target, mm, nn, sum(ranks)) if m.kind == "linear" else min(target, mm, nn)
-        _check_memory(name, first.shape, len(adapters), m, rank)
+        _check_memory(name, first.shape, len(adapters), m, rank, [adapters[i].modules[name] for i in present])
         modules.append(ModulePlan(name, first.kind, first.shape, present, ranks, out_rank, first))
         if len(present) < len(adapters):
             missing = [adapters[i].name for i in range(len(adapters)) if i not in present]
@@ -271,17 +285,41 @@ def _output_module(p: ModulePlan, rank: int, dtype: torch.dtype) -> LoraModule:
     )
 
 
-def _check_memory(name: str, shape: tuple[int, int], n_inputs: int, method: Method, rank: RankSpec) -> None:
-    """Refuse, from the headers alone, a module whose dense float32 deltas can never fit in this machine's memory.
+#: bytes per element of an input factor, beyond its own bytes, while a module is merged: the float32 scaled copy
+FACTOR_COPY_BYTES = 4
+#: bytes per element of the stacked factors (sum of ranks x (m + n)): linear methods hold a weighted float32 copy,
+#: the float64 stack and its float64 QR factors; cat holds the float32 concatenation
+STACK_BYTES = {"linear": 4 + 8 + 8 + 4, "concat": 4, "elementwise": 0}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
-    Element-wise methods hold one dense delta per input plus about three more (result, SVD work, residual); an
-    exact full-rank output holds about three. Linear methods and ``cat`` stay low-rank: their memory is bounded by
-    the factors, which are bounded by the input files. A crafted header (two small factors of a 10^6 x 10^6 module)
-    must fail here, not make the merge allocate terabytes.
-    """
-    dense = shape[0] * shape[1] * 4
+
+def module_memory(shape: tuple[int, int], n_inputs: int, method: Method, rank: RankSpec, modules: Sequence[LoraModule]) -> int:
+    """Bytes one module's merge holds at its peak, from the headers: every input's factors as read and as scaled
+    float32 copies (all inputs of the module are held together), the stacked factors of linear methods (float64,
+    with their QR) or of cat, and the dense deltas of element-wise methods (one per input plus about three more:
+    result, SVD work, residual) or of an exact full-rank output (about three)."""
+    m, n = shape
+    factors = sum((m + n) * mod.rank * (_ITEMSIZE.get(mod.dtype, 4) + FACTOR_COPY_BYTES) for mod in modules)
+    stacked = (m + n) * sum(mod.rank for mod in modules) * STACK_BYTES.get(method.kind, 4)
+    dense = m * n * 4
     copies = n_inputs + 3 if method.kind == "elementwise" else 3 if rank == "full" and method.kind != "concat" else 0
-    need, limit = copies * dense, memory_limit_bytes()
+    return factors + stacked + copies * dense
+
+
+def _check_memory(name: str, shape: tuple[int, int], n_inputs: int, method: Method, rank: RankSpec,
+                  modules: Sequence[LoraModule] = ()) -> None:
+    """Refuse, from the headers alone, a module whose merge can never fit in this machine's memory
+    (:func:`module_memory`: the whole operation, not one tensor). A crafted header (two small factors of a
+    10^6 x 10^6 module, or a sparse file whose factor is most of the memory) must fail here, not make the merge
+    allocate what cannot exist.
+    """
+    need, limit = module_memory(shape, n_inputs, method, rank, modules), memory_limit_bytes()
+    if need > limit and method.kind != "elementwise" and rank != "full":
+        raise InputError(
+            f"module '{name}' ({shape[0]}x{shape[1]}, ranks {','.join(str(mod.rank) for mod in modules)}) needs about "
+            f"{gib(need)} of memory for method '{method.name}' (its factors, as read and in float32/float64 copies), "
+            f"more than the {gib(limit)} this process can have"
+        )
     if need > limit:
         raise InputError(
             f"module '{name}' ({shape[0]}x{shape[1]}) needs about {gib(need)} of memory for method '{method.name}'"
@@ -313,6 +351,11 @@ def _merge_module_checked(p: ModulePlan, mp: MergePlan, adapters: Sequence[Adapt
     as one-line InputErrors naming the module and the input instead of an operator or LAPACK error."""
     try:
         b, a, err = _merge_module(p, mp, adapters, check_finite)
+    except MemoryError:
+        raise InputError(
+            f"module '{p.name}' ({p.shape[0]}x{p.shape[1]}): out of memory while merging it with method "
+            f"'{mp.method.name}' (the machine has less free memory than this module needs)"
+        ) from None
     except (ParameterError, torch.linalg.LinAlgError) as e:
         bad_factors, overflow, biggest = _nonfinite_inputs(p, adapters)
         if overflow:
@@ -484,6 +527,7 @@ def merge(
     For outputs too large to hold in memory use :func:`merge_to`.
     """
     t0 = time.perf_counter()
+    check_flag("allow_nonfinite", allow_nonfinite)
     ads, mp = _open_and_plan(adapters, method, weights, params, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter,
                              svd_oversample=svd_oversample, dtype=dtype, extra_tensors=extra_tensors)
     tensors: dict[str, torch.Tensor] = {}
@@ -522,6 +566,8 @@ def merge_to(
     """Like :func:`merge` but streams each merged module to ``output`` (a PEFT directory, or a file ending in
     ``.safetensors``) so memory stays bounded by one module. The output appears atomically. Returns the summary."""
     t0 = time.perf_counter()
+    check_flag("force", force)
+    check_flag("allow_nonfinite", allow_nonfinite)
     ads, mp = _open_and_plan(adapters, method, weights, params, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter,
                              svd_oversample=svd_oversample, dtype=dtype, extra_tensors=extra_tensors)
     inputs = [a.path for a in ads if a.path is not None]

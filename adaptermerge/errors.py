@@ -16,6 +16,47 @@ code   class                       meaning
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
+#: The longest error message: values echoed from hostile files are cut much shorter (:func:`shorten`); this is the
+#: last line of defence for everything else (a message naming several long paths stays whole).
+MAX_MESSAGE_CHARS = 4000
+
+# C0/C1 control characters, DEL and lone surrogates: never written raw to a terminal or a log.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escape codes included) and lone surrogates written as escapes
+    (``\\x1b``, ``\\ud800``): what comes from a file is shown as text, never interpreted by the terminal, and can
+    always be encoded."""
+    return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1] if m.group() not in "\n\t" else " ", text)
+
+
+def shorten(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` (``str`` for paths), made printable and cut to ``limit`` characters: the one helper for
+    echoing a value from a file or a config in a message, so a hostile input cannot turn an error into megabytes."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's digit limit cannot even be printed
+        text = f"<int of {value.bit_length()} bits>"
+    except RecursionError:
+        text = f"<deeply nested {type(value).__name__}>"
+    if len(text) > 4 * limit:
+        text = text[: 4 * limit]
+    text = printable(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def one_line(message: Any) -> str:
+    """A message as adaptermerge prints it: one line, printable, at most :data:`MAX_MESSAGE_CHARS` characters."""
+    text = printable(" ".join(str(message).split()))
+    if len(text) > MAX_MESSAGE_CHARS:
+        half = MAX_MESSAGE_CHARS // 2 - 20
+        text = f"{text[:half]} …[{len(text) - 2 * half} characters cut]… {text[-half:]}"
+    return text
+
 
 class AdapterMergeError(Exception):
     """Base class of every error adaptermerge raises on purpose."""
@@ -24,7 +65,7 @@ class AdapterMergeError(Exception):
 
     def __init__(self, message: str):
         # One line, always: a multi-line message would break log parsers and the CLI contract.
-        super().__init__(" ".join(str(message).split()))
+        super().__init__(one_line(message))
 
 
 class ParameterError(AdapterMergeError, ValueError):

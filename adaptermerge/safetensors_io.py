@@ -28,11 +28,11 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Mapping
+from typing import Any, BinaryIO, Mapping
 
 import torch
 
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, shorten
 
 # safetensors dtype string -> (torch dtype, item size in bytes)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -81,7 +81,7 @@ class SafetensorsHeader:
     file_size: int
 
 
-def open_regular(p: Path) -> BinaryIO:
+def open_regular(p: Path, expected: str = "a .safetensors file") -> BinaryIO:
     """Open ``p`` read-only, refusing anything but a regular file.
 
     ``O_NONBLOCK`` makes opening a FIFO return at once instead of blocking forever waiting for a writer; the
@@ -92,15 +92,85 @@ def open_regular(p: Path) -> BinaryIO:
     except FileNotFoundError:
         raise InputError(f"{p}: no such file") from None
     except IsADirectoryError:
-        raise InputError(f"{p}: is a directory, expected a .safetensors file") from None
+        raise InputError(f"{p}: is a directory, expected {expected}") from None
     except OSError as e:
         raise InputError(f"{p}: cannot open: {e.strerror or e}") from None
+    except (UnicodeEncodeError, ValueError) as e:  # a NUL or an unencodable character in the name
+        raise InputError(f"{p}: cannot open: invalid file name ({type(e).__name__})") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        what = "is a directory, expected a .safetensors file" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+        what = f"is a directory, expected {expected}" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
         raise InputError(f"{p}: {what}")
     return os.fdopen(fd, "rb")
+
+
+#: The largest small text file (``adapter_config.json``, a ``--config`` recipe) adaptermerge reads; real ones are a
+#: few KB (a rank_pattern for thousands of modules: a few hundred KB).
+MAX_TEXT_BYTES = 16 * 1024 * 1024
+
+
+def read_small_text(p: Path, what: str, limit: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of a small file, read as safely as a weights file: :func:`open_regular` (non-blocking open,
+    regular files only), at most ``limit`` bytes (a link to ``/dev/zero`` or a sparse 8 GiB file is refused, not
+    read), valid UTF-8. ``what`` names the file in messages ("adapter config", "config")."""
+    with open_regular(p, expected=f"a {what} file") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > limit:
+            raise InputError(f"{p}: {what} file of {size} bytes exceeds the {limit}-byte limit")
+        try:
+            raw = fh.read(limit + 1)
+        except OSError as e:
+            raise InputError(f"{p}: read failed: {e.strerror or e}") from None
+    if len(raw) > limit:  # grew while being read
+        raise InputError(f"{p}: {what} file exceeds the {limit}-byte limit")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{p}: not UTF-8 text") from None
+
+
+class DuplicateKeyError(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise DuplicateKeyError(k)
+            seen.add(k)
+    return out
+
+
+def strict_json(text: str | bytes) -> Any:
+    """``json.loads`` that refuses duplicate object keys (:class:`DuplicateKeyError`; the safetensors library
+    rejects such files too, and "last one wins" would let two tools see two different adapters)."""
+    return json.loads(text, object_pairs_hook=_no_duplicates)
+
+
+def has_lone_surrogate(obj: Any) -> bool:
+    """True if any string (key or value) anywhere in a parsed JSON value holds a lone surrogate (``"\\ud800"`` is
+    valid JSON but no valid text: it cannot be encoded, printed or written back)."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            if not x.isascii():
+                try:
+                    x.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return False
 
 
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
@@ -128,11 +198,15 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             raise InputError(f"{p}: safetensors header of {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
         raw = fh.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = strict_json(raw.decode("utf-8"))
+    except DuplicateKeyError as e:
+        raise InputError(f"{p}: safetensors header names {shorten(e.key)} twice (the file is ambiguous; the safetensors library refuses it too)") from None
     except (ValueError, RecursionError):  # bad UTF-8 / JSON, integers over the digit limit, absurd nesting
         raise InputError(f"{p}: safetensors header is not valid JSON (corrupt or not a safetensors file)") from None
     if not isinstance(header, dict):
         raise InputError(f"{p}: safetensors header is not a JSON object")
+    if has_lone_surrogate(header):
+        raise InputError(f"{p}: safetensors header holds a lone surrogate (\\ud800-\\udfff) in a name or value: not valid text")
     data_start = 8 + n
     data_len = size - data_start
     metadata = header.pop("__metadata__", None) or {}
@@ -140,27 +214,27 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise InputError(f"{p}: safetensors __metadata__ must map strings to strings")
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
-        where = f"{p}: tensor '{name}'"
+        where = f"{p}: tensor {shorten(name, 200)}"
         if not isinstance(info, dict):
             raise InputError(f"{where}: header entry is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise InputError(f"{where}: unknown dtype {dtype!r}")
+            raise InputError(f"{where}: unknown dtype {shorten(dtype)}")
         if (
             not isinstance(shape, list)
             or len(shape) > MAX_NDIM
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
         ):
-            raise InputError(f"{where}: invalid shape {shape!r}")
+            raise InputError(f"{where}: invalid shape {shorten(shape)}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
         ):
-            raise InputError(f"{where}: invalid data_offsets {offsets!r}")
+            raise InputError(f"{where}: invalid data_offsets {shorten(offsets)}")
         begin, end = offsets
         if not 0 <= begin <= end:
-            raise InputError(f"{where}: invalid data_offsets {offsets!r}")
+            raise InputError(f"{where}: invalid data_offsets {shorten(offsets)}")
         if end > data_len:
             raise InputError(f"{where}: data runs past the end of the file (offset {end} > {data_len} data bytes; truncated?)")
         expected = math.prod(shape) * DTYPES[dtype][1]

@@ -206,7 +206,8 @@ def _rename_exchange_works(tmp: Path) -> bool:
         b.rmdir()
 
 
-HOOKS = ["os.fsync", "os.replace", "adaptermerge.adapter._rename_exchange", "shutil.rmtree", "os.rmdir"]
+HOOKS = ["os.fsync", "os.replace", "adaptermerge.adapter._rename_exchange", "adaptermerge.adapter._rename_noreplace",
+         "shutil.rmtree", "os.rmdir"]
 
 
 @pytest.mark.parametrize("kind", ["dir", "file"])
