@@ -260,7 +260,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     try:
         cfg = strict_json(text)
     except DuplicateKeyError as e:
-        raise InputError(f"{path}: key {shorten(e.key)} appears twice") from None
+        raise InputError(f"{path}: key {shorten(e.key, 200)} appears twice") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except (ValueError, RecursionError):  # integers past the digit limit, absurd nesting

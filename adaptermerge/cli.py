@@ -110,7 +110,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
         else:
             data = strict_json(text)
     except DuplicateKeyError as e:
-        raise InputError(f"{path}: key {shorten(e.key)} appears twice") from None
+        raise InputError(f"{path}: key {shorten(e.key, 200)} appears twice") from None
     except Exception as e:  # parser errors of three libraries (RecursionError included)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise InputError(f"{path}: cannot parse config: {shorten(first, 200)[1:-1]}") from None

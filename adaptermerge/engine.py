@@ -131,6 +131,8 @@ def validate_options(
         raise ParameterError("need at least one input adapter")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ParameterError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(method, str) or len(method) > 200:  # a hostile recipe: no did-you-mean search over megabytes
+        raise ParameterError(f"unknown method {shorten(method)} (adaptermerge methods lists them)")
     m, w, p = resolve(method, n_inputs, weights, {**dict(params), "seed": seed})
     if rank is not None and rank != "full":
         if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:

@@ -114,7 +114,7 @@ def read_small_text(p: Path, what: str, limit: int = MAX_TEXT_BYTES) -> str:
     """The UTF-8 text of a small file, read as safely as a weights file: :func:`open_regular` (non-blocking open,
     regular files only), at most ``limit`` bytes (a link to ``/dev/zero`` or a sparse 8 GiB file is refused, not
     read), valid UTF-8. ``what`` names the file in messages ("adapter config", "config")."""
-    with open_regular(p, expected=f"a {what} file") as fh:
+    with open_regular(p, expected=f"{'an' if what[0] in 'aeiou' else 'a'} {what} file") as fh:
         size = os.fstat(fh.fileno()).st_size
         if size > limit:
             raise InputError(f"{p}: {what} file of {size} bytes exceeds the {limit}-byte limit")
@@ -200,7 +200,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     try:
         header = strict_json(raw.decode("utf-8"))
     except DuplicateKeyError as e:
-        raise InputError(f"{p}: safetensors header names {shorten(e.key)} twice (the file is ambiguous; the safetensors library refuses it too)") from None
+        raise InputError(f"{p}: safetensors header names {shorten(e.key, 200)} twice (the file is ambiguous; the safetensors library refuses it too)") from None
     except (ValueError, RecursionError):  # bad UTF-8 / JSON, integers over the digit limit, absurd nesting
         raise InputError(f"{p}: safetensors header is not valid JSON (corrupt or not a safetensors file)") from None
     if not isinstance(header, dict):
