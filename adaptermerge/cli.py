@@ -130,7 +130,15 @@ CONFIG_MAX_BYTES = 1024 * 1024
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A number a recipe may give: not a bool, finite, and an integer only up to 2^53 (exact as a float; 10**400
+    would overflow every float conversion downstream)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return abs(v) <= 2**53 if isinstance(v, int) else math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and abs(v) <= 2**63
 
 
 def _config_type_error(path: Path, key: str, want: str, v: Any) -> ParameterError:
@@ -148,10 +156,10 @@ def _check_config_types(cfg: dict[str, Any], path: Path) -> None:
         "extra_tensors": ("a string", lambda v: isinstance(v, str)),
         "force": ("true or false", lambda v: isinstance(v, bool)),
         "allow_nonfinite": ("true or false", lambda v: isinstance(v, bool)),
-        "seed": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-        "svd_niter": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-        "svd_oversample": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-        "rank": ("a positive integer or 'full'", lambda v: v == "full" or isinstance(v, int) and not isinstance(v, bool)),
+        "seed": ("an integer", _is_int),
+        "svd_niter": ("an integer", _is_int),
+        "svd_oversample": ("an integer", _is_int),
+        "rank": ("a positive integer or 'full'", lambda v: v == "full" or _is_int(v)),
         "alpha": ("a finite number", _is_number),
         "weights": ("a list of numbers", lambda v: isinstance(v, list) and all(_is_number(x) for x in v)),
         "params": ("a mapping of parameter names to values", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)),
@@ -165,8 +173,8 @@ def _check_config_types(cfg: dict[str, Any], path: Path) -> None:
             raise _config_type_error(path, key, what, v)
     for name, v in (cfg.get("params") or {}).items():
         flat = v if isinstance(v, list) else [v]
-        if not all(isinstance(x, (bool, int, float, str)) for x in flat):
-            raise _config_type_error(path, f"params.{shorten(name, 40)[1:-1]}", "a number, a string, true/false or a list of numbers", v)
+        if not all(isinstance(x, (bool, str)) or _is_number(x) for x in flat):
+            raise _config_type_error(path, f"params.{shorten(name, 40)[1:-1]}", "a finite number, a string, true/false or a list of numbers", v)
     for i, item in enumerate(cfg.get("inputs") or []):
         if isinstance(item, str):
             continue

@@ -130,13 +130,15 @@ def validate_options(
     if n_inputs < 1:
         raise ParameterError("need at least one input adapter")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ParameterError(f"seed must be a non-negative integer, got {seed!r}")
+        raise ParameterError(f"seed must be a non-negative integer, got {shorten(seed)}")
+    if seed >= 2**64:
+        raise ParameterError(f"seed must be below 2^64, got {shorten(seed)}")
     if not isinstance(method, str) or len(method) > 200:  # a hostile recipe: no did-you-mean search over megabytes
         raise ParameterError(f"unknown method {shorten(method)} (adaptermerge methods lists them)")
     m, w, p = resolve(method, n_inputs, weights, {**dict(params), "seed": seed})
     if rank is not None and rank != "full":
         if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-            raise ParameterError(f"rank must be a positive integer or 'full', got {rank!r}")
+            raise ParameterError(f"rank must be a positive integer or 'full', got {shorten(rank)}")
     if m.kind == "concat" and rank is not None:
         raise ParameterError("method 'cat' is an exact concatenation (rank = sum of input ranks); do not pass rank")
     if svd not in ("randomized", "exact"):
