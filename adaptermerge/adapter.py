@@ -221,6 +221,8 @@ class Adapter:
 
         The output appears atomically; an existing output is replaced only with ``force=True``.
         """
+        if not isinstance(force, bool):  # "false" is a non-empty string: it must not replace an output
+            raise ParameterError(f"force must be true or false, got {shorten(force)}")
         target = Path(path)
         out_dtype = resolve_output_dtype(dtype, self.dtype)
         with OutputTarget(target, force=force, inputs=[self.path] if self.path is not None else []) as out:

@@ -23,6 +23,7 @@ try:  # typer >= 0.16 vendors its own copy of click; its exceptions are the ones
 except ImportError:  # pragma: no cover - older typer on the real click
     from click import exceptions as click_exc
 from rich.console import Console
+from rich.markup import escape as rich_escape
 from rich.table import Table
 from rich.text import Text
 
@@ -286,7 +287,8 @@ def _progress_bar(enabled: bool):
         nonlocal task
         if task is None:
             task = bar.add_task("", total=total)
-        bar.update(task, completed=done, description=name.removeprefix("base_model.model."))
+        # a module name from a file: escaped, so that '[/x]' in it is shown, not parsed as markup
+        bar.update(task, completed=done, description=rich_escape(printable(name.removeprefix("base_model.model."))))
 
     return bar, update
 

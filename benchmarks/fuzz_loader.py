@@ -171,7 +171,20 @@ def mutate_header(data: bytes, rng: random.Random) -> bytes:
     if header is None:
         return mutate_bytes(data, rng)
     names = [k for k in header if k != "__metadata__"]
-    choice = rng.randrange(14)
+    choice = rng.randrange(16)
+    if choice == 14 and names:  # a key twice (the safetensors library refuses such a file; so must we)
+        name = rng.choice(names)
+        h = json.dumps(header, separators=(",", ":"))
+        dup = h[:-1] + "," + json.dumps(name) + ":" + json.dumps(header[name] if rng.random() < 0.5 else _json_value(rng)) + "}"
+        raw = dup.encode()
+        return struct.pack("<Q", len(raw)) + raw + body
+    if choice == 15 and names:  # hostile text in a name or in metadata: lone surrogates, escape codes, markup
+        name = rng.choice(names)
+        odd = rng.choice(["\ud800", "\udfff", "\x1b[31m", "[/x]", "[bold]", "\x00", "\u202e", "\x07"])
+        if rng.random() < 0.5:
+            header[name.replace("q_proj", "q_proj" + odd) if "q_proj" in name else name + odd] = header.pop(name)
+        else:
+            header["__metadata__"] = {"format": "pt", "note" + odd: odd}
     if names and choice < 8:
         name = rng.choice(names)
         info = header[name]

@@ -273,7 +273,7 @@ CONFIG_TYPE_CASES = {
     "allow_nonfinite_string": ("allow_nonfinite: 'false'", r"config allow_nonfinite must be true or false, got 'false'"),
     "params_string": ("params: density=0.5", r"config params must be a mapping of parameter names to values, got 'density=0\.5'"),
     "params_list": ("params: [1, 2]", r"config params must be a mapping .*, got \[1, 2\] \(list\)"),
-    "param_value_mapping": ("params: {density: {a: 1}}", r"config params\.density must be a number, a string, true/false or a list"),
+    "param_value_mapping": ("params: {density: {a: 1}}", r"config params\.density must be a finite number, a string, true/false or a list"),
     "inputs_int": ("inputs: 5", r"config inputs must be a list of paths .*, got 5 \(int\)"),
     "inputs_mapping": ("inputs: {a: 1, b: 2}", r"config inputs must be a list .*, got \{'a': 1, 'b': 2\} \(dict\)"),
     "input_path_int": ("inputs: [{path: 3}]", r"config inputs\[0\] must be a path \(a string\) or a mapping"),
