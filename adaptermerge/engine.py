@@ -133,6 +133,10 @@ def validate_options(
         raise ParameterError(f"seed must be a non-negative integer, got {shorten(seed)}")
     if seed >= 2**64:
         raise ParameterError(f"seed must be below 2^64, got {shorten(seed)}")
+    for label, v in [("weights", weights), *params.items()]:  # 10**400 overflows every float conversion downstream
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(x, int) and not isinstance(x, bool) and abs(x) > 2**63:
+                raise ParameterError(f"{label}: {shorten(x)} is too large")
     if not isinstance(method, str) or len(method) > 200:  # a hostile recipe: no did-you-mean search over megabytes
         raise ParameterError(f"unknown method {shorten(method)} (adaptermerge methods lists them)")
     m, w, p = resolve(method, n_inputs, weights, {**dict(params), "seed": seed})

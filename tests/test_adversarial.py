@@ -341,6 +341,10 @@ def test_api_flags_are_strict_bools(tmp_path):
             am.merge_to(out, [a], **kwargs)
     with pytest.raises(am.ParameterError, match=r"alpha must be a finite number, got 'x'"):
         am.load_adapter(a, alpha="x")
+    with pytest.raises(am.ParameterError, match=r"density: 1000+… is too large"):
+        am.merge_to(out, [a], "ties", density=10**400, force=True)
+    with pytest.raises(am.ParameterError, match=r"weights: <int of 16610 bits> is too large"):
+        am.merge_to(out, [a], "linear", [10**5000], force=True)
     assert tree(tmp_path) == before
 
 
