@@ -17,7 +17,7 @@ then the recipe itself is a FIFO, a link to /dev/zero or a sparse 8 GiB file. It
 * no iteration takes longer than ``--hang-seconds`` (a FIFO that blocks is a finding) or needs more memory than
   ``--max-memory-gb`` (the process caps its own address space).
 
-    OMP_NUM_THREADS=1 nohup taskset -c 0 python benchmarks/fuzz_config.py --minutes 30 --seed 1 --out fuzz-config-out
+    OMP_NUM_THREADS=1 nohup nice -n 19 python benchmarks/fuzz_config.py --minutes 30 --seed 1 --out fuzz-config-out
     python benchmarks/fuzz_config.py --replay fuzz-config-out/finding-000
 
 Findings are saved (recipe, output kind, command line, traceback) and deduplicated by kind and raising line.

@@ -681,3 +681,22 @@ def test_duplicate_keys_are_refused(tmp_path, capsys):
             assert code == 3, err
             assert re.search(pattern, one_line(err)), err
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ the fuzzer itself
+def test_config_fuzzer_runs_clean(tmp_path):
+    """A short run of benchmarks/fuzz_config.py (fixed seed): the harness works and finds nothing."""
+    import importlib.util
+    import signal
+
+    spec = importlib.util.spec_from_file_location("fuzz_config", Path(__file__).parents[1] / "benchmarks" / "fuzz_config.py")
+    fz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fz)
+    old = signal.getsignal(signal.SIGALRM)
+    try:
+        summary = fz.fuzz(5.0, seed=3, out=tmp_path / "fz", hang_seconds=60, max_iterations=40, report_every=1e9)
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    assert summary["iterations"] == 40
+    assert summary["findings"] == {}, summary["findings"]
+    assert sum(summary["outcomes"].values()) == 40 and len(summary["outcomes"]) >= 3  # several outcomes exercised
