@@ -398,7 +398,7 @@ def analyze(
     from .cli import print_json, stdout_guard
 
     if json_out:
-        print_json(result, done=f" (the plot was written to {plot})" if plot is not None else "")
+        print_json(result, done=f" (the plot was written to {plot})" if plot is not None else "", indent=None)
         return
     console = _out
     if not console.is_terminal:

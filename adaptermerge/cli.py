@@ -258,9 +258,9 @@ def _silence_stdout() -> None:
         pass
 
 
-def print_json(obj: Any, done: str = "") -> None:
+def print_json(obj: Any, done: str = "", indent: int | None = 2) -> None:
     """Write ``obj`` as JSON on stdout (ASCII, NaN/Inf as null), guarded by :func:`stdout_guard`."""
-    text = json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(json_safe(obj), indent=indent, allow_nan=False) + "\n"
     with stdout_guard(done):
         sys.stdout.write(text)
 

@@ -14,8 +14,8 @@ then the recipe itself is a FIFO, a link to /dev/zero or a sparse 8 GiB file. It
 * every input file (the store's real weights included) is byte-identical, every special file and link is still
   there with its type and target, the foreign folder is untouched, no temporary file is left;
 * a success wrote a loadable adapter, and only where an output existed if ``force`` was a real ``true``;
-* no iteration takes longer than ``--hang-seconds`` (a FIFO that blocks is a finding) or needs more memory than
-  ``--max-memory-gb`` (the process caps its own address space).
+* no iteration uses more than ``--hang-seconds`` of CPU (a slow path) or ``--block-seconds`` of wall-clock time (a
+  FIFO that blocks uses no CPU), or more memory than ``--max-memory-gb`` (the process caps its own address space).
 
     OMP_NUM_THREADS=1 nohup nice -n 19 python benchmarks/fuzz_config.py --minutes 30 --seed 1 --out fuzz-config-out
     python benchmarks/fuzz_config.py --replay fuzz-config-out/finding-000
@@ -468,7 +468,10 @@ def run_one(rng: random.Random, root: Path, inputs: dict[str, Path], previous: P
 
 
 def fuzz(minutes: float, seed: int, out: Path, hang_seconds: float, max_iterations: int | None = None,
-         report_every: float = 60.0) -> dict[str, Any]:
+         report_every: float = 60.0, block_seconds: float = 300.0) -> dict[str, Any]:
+    """``hang_seconds`` bounds the CPU time of one iteration (a slow path: independent of how much CPU the other
+    jobs on a shared machine leave); ``block_seconds`` bounds its wall-clock time (a blocked open or read uses no
+    CPU at all)."""
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="am-fuzzcfg-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
@@ -478,9 +481,12 @@ def fuzz(minutes: float, seed: int, out: Path, hang_seconds: float, max_iteratio
     am.merge_to(previous, [inputs["b"]], "linear")
 
     def on_alarm(signum: int, frame: Any) -> None:
-        raise Hang(f"iteration took more than {hang_seconds} s")
+        if signum == signal.SIGPROF:
+            raise Hang(f"iteration used more than {hang_seconds} s of CPU")
+        raise Hang(f"iteration blocked for more than {block_seconds} s")
 
     signal.signal(signal.SIGALRM, on_alarm)
+    signal.signal(signal.SIGPROF, on_alarm)
     findings: dict[str, dict[str, Any]] = {}
     outcomes: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
@@ -492,7 +498,8 @@ def fuzz(minutes: float, seed: int, out: Path, hang_seconds: float, max_iteratio
         while time.monotonic() < deadline and (max_iterations is None or it < max_iterations):
             it += 1
             state = rng.getstate()
-            signal.setitimer(signal.ITIMER_REAL, hang_seconds)
+            signal.setitimer(signal.ITIMER_PROF, hang_seconds)
+            signal.setitimer(signal.ITIMER_REAL, block_seconds)
             record: dict[str, Any] = {}
             try:
                 tag, record = run_one(rng, root, inputs, previous)
@@ -503,6 +510,7 @@ def fuzz(minutes: float, seed: int, out: Path, hang_seconds: float, max_iteratio
                 outcomes[tag] += 1
                 kinds[f"{record['output_kind']}:{tag}"] += 1
             except (Exception, Hang) as e:  # noqa: BLE001 - anything else is a finding
+                signal.setitimer(signal.ITIMER_PROF, 0)
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 tb = traceback.extract_tb(e.__traceback__)
                 frames = [f for f in tb if "/adaptermerge/" in f.filename] or list(tb)
@@ -513,6 +521,7 @@ def fuzz(minutes: float, seed: int, out: Path, hang_seconds: float, max_iteratio
                 (root / "in").mkdir()
                 inputs = build_inputs(root / "in")
             finally:
+                signal.setitimer(signal.ITIMER_PROF, 0)
                 signal.setitimer(signal.ITIMER_REAL, 0)
             if time.monotonic() >= next_report:
                 el = time.monotonic() - t0
@@ -568,7 +577,8 @@ def main_(argv: list[str] | None = None) -> int:
     ap.add_argument("--iterations", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("fuzz-config-out"))
-    ap.add_argument("--hang-seconds", type=float, default=20.0)
+    ap.add_argument("--hang-seconds", type=float, default=20.0, help="CPU seconds one iteration may use")
+    ap.add_argument("--block-seconds", type=float, default=300.0, help="wall-clock seconds one iteration may take")
     ap.add_argument("--max-memory-gb", type=float, default=4.0)
     ap.add_argument("--report-every", type=float, default=60.0)
     ap.add_argument("--replay", type=Path, default=None)
@@ -579,7 +589,8 @@ def main_(argv: list[str] | None = None) -> int:
     if args.replay is not None:
         replay(args.replay, args.hang_seconds)
         return 0
-    summary = fuzz(args.minutes, args.seed, args.out, args.hang_seconds, args.iterations, args.report_every)
+    summary = fuzz(args.minutes, args.seed, args.out, args.hang_seconds, args.iterations, args.report_every,
+                   args.block_seconds)
     print(json.dumps({k: v for k, v in summary.items() if k != "output_kinds"}, indent=2))
     return 1 if summary["findings"] else 0
 

@@ -692,11 +692,12 @@ def test_config_fuzzer_runs_clean(tmp_path):
     spec = importlib.util.spec_from_file_location("fuzz_config", Path(__file__).parents[1] / "benchmarks" / "fuzz_config.py")
     fz = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fz)
-    old = signal.getsignal(signal.SIGALRM)
+    old = signal.getsignal(signal.SIGALRM), signal.getsignal(signal.SIGPROF)
     try:
         summary = fz.fuzz(5.0, seed=3, out=tmp_path / "fz", hang_seconds=60, max_iterations=40, report_every=1e9)
     finally:
-        signal.signal(signal.SIGALRM, old)
+        signal.signal(signal.SIGALRM, old[0])
+        signal.signal(signal.SIGPROF, old[1])
     assert summary["iterations"] == 40
     assert summary["findings"] == {}, summary["findings"]
     assert sum(summary["outcomes"].values()) == 40 and len(summary["outcomes"]) >= 3  # several outcomes exercised
