@@ -371,6 +371,10 @@ def protected_entries(listed: Any, inroot: Path) -> set[str]:
     for item in listed if isinstance(listed, list) else []:
         p = item.get("path") if isinstance(item, dict) else item
         if isinstance(p, str) and "\x00" not in p:
+            try:
+                os.fsencode(p)  # a lone surrogate names no file
+            except UnicodeEncodeError:
+                continue
             paths.append(p)
     real_in = os.path.realpath(inroot)
     out: set[str] = set()
