@@ -138,7 +138,7 @@ def align(adapters: Sequence[Adapter]) -> list[Adapter]:
             else:
                 raise IncompatibleInputsError(
                     f"module '{name}' of {a.name} ({f}) cannot be matched to the module naming of {ads[0].name} "
-                    f"({fmts[0]}: {', '.join(sorted(str(x) for x in target))}); convert the inputs to one format first")
+                    f"({fmts[0]}: {_naming(target)}); convert the inputs to one format first")
             if f != fmts[0] and new not in ads[0].modules:
                 raise IncompatibleInputsError(
                     f"module '{name}' of {a.name} ({f}) has no counterpart in {ads[0].name} ({fmts[0]}) "
@@ -152,6 +152,10 @@ def align(adapters: Sequence[Adapter]) -> list[Adapter]:
                                           f"different base models, or a name mapping that failed")
     merged_layout(out)  # checks that conv kernels agree
     return out
+
+
+def _naming(comps: set) -> str:
+    return ", ".join(sorted(f"{c}.*" if c else f"{N.PEFT_PREFIX}*" for c in comps))
 
 
 def merged_layout(adapters: Sequence[Adapter]) -> dict[str, tuple[int, int]]:
@@ -185,9 +189,9 @@ def output_format(output: str | os.PathLike, to: str | None, input_formats: Sequ
         return "gguf"
     if suffix == ".safetensors":
         fam = {"lycoris": "kohya"}
-        kinds = {fam.get(f, f) for f in input_formats}
-        if len(kinds) == 1 and kinds & {"kohya", "diffusers"}:
-            return kinds.pop()
+        kinds = [fam.get(f, f) for f in input_formats]
+        if kinds and kinds[0] in ("kohya", "diffusers"):
+            return kinds[0]  # the first input's format (kohya in, kohya out)
     return "peft"
 
 
