@@ -159,7 +159,7 @@ def base_module_paths(base: Path) -> dict[str | None, set[str]]:
         elif p.is_dir():
             for f in sorted(p.glob("*.safetensors.index.json")) or sorted(p.glob("*.safetensors")):
                 keys |= names_in(f)
-        return {k[: -len(".weight")] for k in keys if k.endswith(".weight")}
+        return keys
 
     if not base.exists():
         raise InputError(f"{base}: --base does not exist")
@@ -167,6 +167,7 @@ def base_module_paths(base: Path) -> dict[str | None, set[str]]:
         out = {c: names_in(base / c) for c in COMPONENTS if (base / c).is_dir()}
     else:
         out = {None: names_in(base)}
+    out = {c: {k[: -len(".weight")] for k in v if k.endswith(".weight")} for c, v in out.items()}
     if not any(out.values()):
         raise InputError(f"{base}: --base holds no safetensors weights (or index) to take module names from")
     return out

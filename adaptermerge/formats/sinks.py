@@ -136,6 +136,7 @@ def write_kohya(adapter: Adapter, target: Path, *, force: bool, dtype: torch.dty
     entries: dict[str, tuple[torch.Tensor, torch.Tensor, Any]] = {}
     names: dict[str, str] = {}
     done: set[str] = set()
+    fused: set[str] = set()
     if flux:
         for kname, (ft, parts) in _flux_groups(adapter).items():
             got = {p: _factors(adapter, p, dtype) for p in parts if p is not None}
@@ -164,6 +165,7 @@ def write_kohya(adapter: Adapter, target: Path, *, force: bool, dtype: torch.dty
             key = f"lora_unet_{kname}"
             entries[key] = (big_b, torch.cat(as_, 0), None)
             names[key] = "+".join(p for p in parts if p is not None)
+            fused.add(key)  # named by the Flux table on reading (it also undoes the final adaLN half swap)
             done.update(p for p in parts if p is not None)
     for name in sorted(adapter.modules):
         if name in done:
@@ -187,7 +189,7 @@ def write_kohya(adapter: Adapter, target: Path, *, force: bool, dtype: torch.dty
                 writer.add(f"{key}.lora_down.weight", a)
                 writer.add(f"{key}.lora_up.weight", b)
             meta = _meta(adapter, "kohya")
-            meta["adaptermerge.module_names"] = json.dumps({k: v for k, v in names.items() if "+" not in v}, sort_keys=True, separators=(",", ":"))
+            meta["adaptermerge.module_names"] = json.dumps({k: v for k, v in names.items() if k not in fused}, sort_keys=True, separators=(",", ":"))
             out.commit_weights(writer, meta)
     return {"format": "kohya", "modules": len(entries), "flux_fused": flux}
 
