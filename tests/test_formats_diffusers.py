@@ -1,0 +1,154 @@
+"""diffusers itself applies our kohya and diffusers outputs exactly as base + our delta, and its own kohya-Flux
+converter splits the fused Flux modules exactly as our table does. (Test extra: diffusers; a missing install fails.)"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import adaptermerge.formats as F
+
+import diffusers  # noqa: E402  (test extra: a missing install must fail, not skip)
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
+    ).eval()
+
+
+PICK = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+        "down_blocks.0.attentions.0.proj_in", "down_blocks.0.resnets.0.conv1", "down_blocks.0.downsamplers.0.conv",
+        "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj", "mid_block.resnets.0.time_emb_proj"]
+
+
+@pytest.mark.parametrize("all_alpha", [True, False])
+def test_diffusers_applies_kohya_input_and_our_outputs_as_our_delta(tmp_path, all_alpha):
+    """With an alpha on every module diffusers applies the kohya file itself as we read it. With alpha on only some
+    modules (kohya's rule: no alpha = scale 1) diffusers 0.42 applies another module's alpha to them, so only our
+    outputs, which carry an alpha on every module, are checked there."""
+    unet = tiny_unet()
+    layers = dict(unet.named_modules())
+    g = torch.Generator().manual_seed(1)
+    t = {}
+    for i, name in enumerate(PICK):
+        w = layers[name].weight
+        key = "lora_unet_" + name.replace(".", "_")
+        down_shape = (4, *w.shape[1:]) if w.dim() == 4 else (4, w.shape[1])
+        up_shape = (w.shape[0], 4, 1, 1) if w.dim() == 4 else (w.shape[0], 4)
+        t[f"{key}.lora_down.weight"] = torch.randn(*down_shape, generator=g) * 0.1
+        t[f"{key}.lora_up.weight"] = torch.randn(*up_shape, generator=g) * 0.1
+        if all_alpha or i % 2 == 0:  # with alpha: scale 0.5; without: scale 1
+            t[f"{key}.alpha"] = torch.tensor(2.0)
+    src = tmp_path / "kohya.safetensors"
+    save_file(t, str(src))
+    a = F.load(src)
+    assert a.layout["unet.down_blocks.0.resnets.0.conv1"] == (3, 3) and a.layout["unet.down_blocks.0.attentions.0.proj_in"] == (1, 1)
+    F.save(a, tmp_path / "out_kohya.safetensors", to="kohya")
+    F.save(a, tmp_path / "out_diffusers.safetensors", to="diffusers")
+
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    tt, enc = torch.tensor([10]), torch.randn(1, 5, 32, generator=g)
+    want_model = copy.deepcopy(unet)
+    named = dict(want_model.named_modules())
+    with torch.no_grad():
+        for name in a.modules:
+            w = named[name.split(".", 1)[1]].weight
+            w += a.delta(name).reshape(w.shape)
+        want, base = want_model(x, tt, enc).sample, unet(x, tt, enc).sample
+    for f in [src] * all_alpha + [tmp_path / "out_kohya.safetensors", tmp_path / "out_diffusers.safetensors"]:
+        model = copy.deepcopy(unet)
+        sd, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(f))
+        StableDiffusionLoraLoaderMixin.load_lora_into_unet(sd, alphas, unet=model, adapter_name="x")
+        with torch.no_grad():
+            got = model(x, tt, enc).sample
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5, msg=str(f))
+        assert (got - base).abs().max() > 1e-2
+
+
+def test_flux_table_matches_diffusers_kohya_converter():
+    """diffusers' own converter needs Flux's real widths (3072): rank-1 factors keep the test small."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    from adaptermerge.formats import source
+
+    h = 3072
+    g = torch.Generator().manual_seed(2)
+    shapes = {"double_blocks_0_img_attn_qkv": 3 * h, "double_blocks_0_txt_attn_qkv": 3 * h, "double_blocks_0_img_attn_proj": h,
+              "double_blocks_0_txt_mlp_0": 4 * h, "double_blocks_0_img_mod_lin": 6 * h, "single_blocks_0_linear1": 7 * h,
+              "single_blocks_0_linear2": h, "single_blocks_0_modulation_lin": 3 * h, "final_layer_adaLN_modulation_1": 2 * h,
+              "final_layer_linear": 64}
+    t = {}
+    for n, rows in shapes.items():
+        t[f"lora_unet_{n}.lora_down.weight"] = torch.randn(1, 4, generator=g)
+        t[f"lora_unet_{n}.lora_up.weight"] = torch.randn(rows, 1, generator=g)
+    theirs = _convert_kohya_flux_lora_to_diffusers({k: v.clone() for k, v in t.items()})
+    theirs_d = {k[: -len(".lora_A.weight")].removeprefix("transformer."): theirs[k.replace("lora_A", "lora_B")] @ v for k, v in theirs.items() if k.endswith(".lora_A.weight")}
+    getter = t.__getitem__
+    ours = {}
+    mkeys = sorted({k.split(".")[0] for k in t})
+    naming = source.resolve_names(mkeys, {}, None, "t")
+    for mkey in mkeys:
+        parts = {"down": source_entry(t, f"{mkey}.lora_down.weight"), "up": source_entry(t, f"{mkey}.lora_up.weight")}
+        spec = source.build_module("t", mkey, parts, getter)
+        target = naming.targets[mkey]
+        for canon, rows, swap in source._split(spec, target, "t"):
+            b, a = source._row_slice(spec.recipe, rows, swap)(getter)
+            ours[canon.removeprefix("transformer.")] = b @ a
+    assert sorted(ours) == sorted(theirs_d)
+    for k in ours:
+        assert torch.equal(ours[k], theirs_d[k]), k
+
+
+def source_entry(t, key):
+    from adaptermerge.safetensors_io import TensorEntry
+
+    return TensorEntry(key, "F32", tuple(t[key].shape), 0, 0)
+
+
+def test_diffusers_applies_our_flux_output(tmp_path):
+    """A kohya Flux LoRA (BFL names, fused qkv / linear1) converted to diffusers naming, loaded by diffusers into a
+    tiny FluxTransformer2DModel: the output equals base + our delta."""
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    torch.manual_seed(0)
+    tr = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                          num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+                                          guidance_embeds=False, axes_dims_rope=(4, 2, 2)).eval()
+    g = torch.Generator().manual_seed(1)
+    shapes = {"double_blocks_0_img_attn_qkv": (48, 16), "double_blocks_0_txt_attn_qkv": (48, 16), "double_blocks_0_img_attn_proj": (16, 16),
+              "double_blocks_0_img_mlp_0": (64, 16), "double_blocks_0_txt_mlp_2": (16, 64), "double_blocks_0_img_mod_lin": (96, 16),
+              "single_blocks_0_linear1": (112, 16), "single_blocks_0_linear2": (16, 80), "single_blocks_0_modulation_lin": (48, 16),
+              "final_layer_adaLN_modulation_1": (32, 16), "final_layer_linear": (4, 16)}
+    t = {}
+    for n, (o, i) in shapes.items():
+        t[f"lora_unet_{n}.lora_down.weight"] = torch.randn(4, i, generator=g) * 0.2
+        t[f"lora_unet_{n}.lora_up.weight"] = torch.randn(o, 4, generator=g) * 0.2
+        t[f"lora_unet_{n}.alpha"] = torch.tensor(2.0)
+    save_file(t, str(tmp_path / "flux.safetensors"))
+    a = F.load(tmp_path / "flux.safetensors")
+    F.save(a, tmp_path / "d.safetensors", to="diffusers")
+    inputs = dict(hidden_states=torch.randn(1, 6, 4, generator=g), encoder_hidden_states=torch.randn(1, 3, 16, generator=g),
+                  pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.5]), img_ids=torch.zeros(6, 3),
+                  txt_ids=torch.zeros(3, 3))
+    want_m = copy.deepcopy(tr)
+    named = dict(want_m.named_modules())
+    with torch.no_grad():
+        for n in a.modules:
+            named[n.split(".", 1)[1]].weight += a.delta(n)
+        want, base = want_m(**inputs).sample, tr(**inputs).sample
+    model = copy.deepcopy(tr)
+    sd = FluxLoraLoaderMixin.lora_state_dict(str(tmp_path / "d.safetensors"))
+    sd = sd[0] if isinstance(sd, tuple) else sd
+    FluxLoraLoaderMixin.load_lora_into_transformer(sd, None, transformer=model, adapter_name="x")
+    with torch.no_grad():
+        got = model(**inputs).sample
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (got - base).abs().max() > 1e-2
