@@ -418,3 +418,32 @@ def test_format_options_validated_before_reading(tmp_path, capsys):
     assert "--to must be one of" in capsys.readouterr().err
     assert main(["merge", str(f), str(f), "--for", "tgi", "-o", str(tmp_path / "o")]) == 2
     assert "--for must be one of" in capsys.readouterr().err
+
+
+def test_peft_conv_adapter_read_and_round_trip(tmp_path):
+    """A PEFT adapter with a conv module (4-D factors), made by PEFT: our delta equals PEFT's get_delta_weight, and
+    PEFT -> kohya -> PEFT keeps it."""
+    import peft
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 6, 3)
+            self.lin = torch.nn.Linear(6, 5)
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Net(), peft.LoraConfig(r=2, lora_alpha=6, target_modules=["conv", "lin"], init_lora_weights=False))
+    model.save_pretrained(str(tmp_path / "p"))
+    want = {f"base_model.model.{n}": getattr(model.base_model.model, n).get_delta_weight("default").detach() for n in ("conv", "lin")}
+    a = F.load(tmp_path / "p")
+    assert a.layout == {"base_model.model.conv": (3, 3)}
+    assert a.modules["base_model.model.conv"].scale == 3.0
+    for n, d in want.items():
+        torch.testing.assert_close(a.delta(n), d.reshape(d.shape[0], -1), rtol=1e-5, atol=1e-6)
+    F.save(a, tmp_path / "k.safetensors", to="kohya")
+    F.save(F.load(tmp_path / "k.safetensors"), tmp_path / "back", to="peft")
+    b = F.load(tmp_path / "back")
+    for n, d in want.items():
+        torch.testing.assert_close(b.delta(n), d.reshape(d.shape[0], -1), rtol=1e-5, atol=1e-6)
+    with safe_open(str(tmp_path / "back" / "adapter_model.safetensors"), "pt") as f:
+        assert list(f.get_slice("base_model.model.conv.lora_A.weight").get_shape()) == [2, 4, 3, 3]

@@ -82,6 +82,8 @@ def load(path: str | os.PathLike, *, format: str | None = None, base: str | os.P
         raise InputError(f"{p}: no such file or directory")
     fmt, why = (format, "--format") if format else detect(p)
     b = Path(base) if base is not None else None
+    if fmt == "peft" and _has_conv_factors(p):
+        return _load_peft_conv(p, why, alpha=alpha)
     if fmt == "peft":
         kw: dict[str, Any] = {"require_alpha": require_alpha}
         if p.is_file():
@@ -101,6 +103,64 @@ def load(path: str | os.PathLike, *, format: str | None = None, base: str | os.P
     from ..safetensors_io import read_header
 
     return load_safetensors_format(p, read_header(p), fmt, why, base=b, ignore_unknown=ignore_unknown)
+
+
+def _weights_of(p: Path) -> Path:
+    return p / "adapter_model.safetensors" if p.is_dir() else p
+
+
+def _has_conv_factors(p: Path) -> bool:
+    """A PEFT adapter with 4-D (conv) factors, which the engine's PEFT reader does not take."""
+    from ..safetensors_io import read_header
+
+    w = _weights_of(p)
+    if not w.is_file():
+        return False
+    h = read_header(w)
+    return any(len(e.shape) == 4 and _KEY_RE.match(k) for k, e in h.tensors.items())
+
+
+def _load_peft_conv(p: Path, why: str, *, alpha: float | None) -> Adapter:
+    """A PEFT adapter with conv modules: factors read like any LoRA file, scales by PEFT's rules (lora_alpha / r,
+    rank_pattern / alpha_pattern, rsLoRA; scale 1 for adaptermerge outputs, whose scale is folded)."""
+    import dataclasses
+    import json
+    import math
+
+    from ..adapter import SCALE_FOLDED_KEY, pattern_key
+    from ..safetensors_io import read_header
+
+    w = _weights_of(p)
+    header = read_header(w)
+    a = load_safetensors_format(w, header, "peft", why + "; conv factors")
+    cfg: dict[str, Any] = {}
+    cfg_path = w.parent / "adapter_config.json"
+    if p.is_dir() or (w.name == "adapter_model.safetensors" and cfg_path.exists()):
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise InputError(f"{cfg_path}: cannot read: {e}") from None
+        if cfg.get("use_dora"):
+            raise InputError(f"{cfg_path}: DoRA adapters (use_dora) cannot be merged as LoRA deltas")
+    folded = header.metadata.get(SCALE_FOLDED_KEY) == "true" and "lora_alpha" not in cfg and alpha is None
+    lora_alpha = alpha if alpha is not None else cfg.get("lora_alpha")
+    if lora_alpha is None and not folded:
+        raise ParameterError(f"{p}: PEFT conv adapter without lora_alpha (no adapter_config.json, no metadata): pass --alpha")
+    for name, m in list(a.modules.items()):
+        if folded:
+            scale = 1.0
+        else:
+            key = N.split_component(name)[1]
+            rk, ak = pattern_key(cfg.get("rank_pattern") or {}, key), pattern_key(cfg.get("alpha_pattern") or {}, key)
+            r = int(cfg["rank_pattern"][rk]) if rk is not None else int(cfg.get("r", m.rank))
+            al = float(cfg["alpha_pattern"][ak]) if ak is not None else float(lora_alpha)
+            if r != m.rank:
+                raise InputError(f"{p}: module '{name}' has rank {m.rank} in its tensors but the config says r={r}")
+            scale = al / math.sqrt(r) if cfg.get("use_rslora") else al / r
+        a.modules[name] = dataclasses.replace(m, scale=scale, alpha=scale * m.rank)
+    a.notes = [n for n in a.notes if "without an alpha" not in n]
+    a.config = {**a.config, **{k: v for k, v in cfg.items() if k in ("base_model_name_or_path", "task_type")}}
+    return a
 
 
 def _fmt(a: Adapter) -> str:
