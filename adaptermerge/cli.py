@@ -252,6 +252,8 @@ def merge(
         out.print_json(json.dumps(summary))
     elif not quiet:
         _print_merge_summary(summary)
+        for note in summary.get("output_notes", []):
+            err.print(f"note: {note}", highlight=False, markup=False)
 
 
 def _print_merge_summary(s: dict[str, Any]) -> None:

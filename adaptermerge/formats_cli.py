@@ -63,7 +63,24 @@ class FormatOptions:
                               profile=self.profile, gguf_arch=self.gguf_arch, base=self.base)
         summary = merged.summary
         summary["output_format"] = report
+        summary["output_notes"] = output_notes(report)
         return summary
+
+
+def output_notes(report: dict[str, Any]) -> list[str]:
+    """What the sink did that the user should know: the profile's rank and truncation errors, GGUF's alpha, Flux fusion."""
+    notes = []
+    prof = report.get("profile")
+    if prof:
+        errs = prof["truncation_errors"]
+        worst = max(errs.items(), key=lambda kv: kv[1]) if errs else None
+        notes.append(f"--for {prof['name']}: every module at rank {prof['rank']} (accepted: {', '.join(map(str, prof['accepted_ranks']))}); "
+                     + (f"{len(errs)} module(s) truncated, largest relative error {worst[1]:.3g} ({worst[0]})" if worst else "no truncation (zero padding is exact)"))
+    if report.get("format") == "gguf":
+        notes.append(f"GGUF architecture {report['architecture']}, adapter.lora.alpha={report['alpha']:g}")
+    if report.get("flux_fused"):
+        notes.append("Flux modules fused back into kohya's qkv / linear1 blocks (rank = sum of the parts' ranks)")
+    return notes
 
 
 def scales_note(a: Adapter) -> str:
@@ -92,4 +109,4 @@ def convert(path: Path, output: Path, *, to: str | None, profile: str | None, in
     report = formats.save(a, output, to=fmt, force=force, dtype=dtype, inputs=[path], profile=profile,
                           gguf_arch=gguf_arch, base=base)
     return {"input": a.coverage.as_dict(), "output": report, "modules": len(a.modules),
-            "notes": list(a.notes) + [scales_note(a)], "scales": {n: m.scale for n, m in a.modules.items()}}
+            "notes": list(a.notes) + [scales_note(a)] + output_notes(report), "scales": {n: m.scale for n, m in a.modules.items()}}

@@ -447,3 +447,26 @@ def test_peft_conv_adapter_read_and_round_trip(tmp_path):
         torch.testing.assert_close(b.delta(n), d.reshape(d.shape[0], -1), rtol=1e-5, atol=1e-6)
     with safe_open(str(tmp_path / "back" / "adapter_model.safetensors"), "pt") as f:
         assert list(f.get_slice("base_model.model.conv.lora_A.weight").get_shape()) == [2, 4, 3, 3]
+
+
+def test_vllm_profile_truncates_above_512_and_reports(tmp_path, capsys):
+    g = torch.Generator().manual_seed(8)
+    a, b = rand(520, 600, g=g), rand(600, 520, g=g)
+    save_file({"base_model.model.big.lora_A.weight": a, "base_model.model.big.lora_B.weight": b}, str(tmp_path / "big.safetensors"),
+              metadata={"lora_alpha": "520"})
+    assert main(["convert", str(tmp_path / "big.safetensors"), "--for", "vllm", "-o", str(tmp_path / "v"), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    err = rep["output"]["profile"]["truncation_errors"]["base_model.model.big"]
+    s = torch.linalg.svdvals((b.double() @ a.double()))
+    assert err == pytest.approx(float(s[512:].norm() / s.norm()), rel=1e-4)
+    cfg = json.loads((tmp_path / "v" / "adapter_config.json").read_text())
+    assert cfg["r"] == 512 and cfg["rank_pattern"] == {}
+
+
+def test_llama_cpp_profile_writes_gguf(tmp_path):
+    src = write_adapter(tmp_path / "p", r=4, alpha=8.0)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"num_attention_heads": 4, "num_key_value_heads": 2}))
+    assert main(["convert", str(src), "--for", "llama.cpp", "-o", str(tmp_path / "out.gguf"), "--base", str(tmp_path / "hf")]) == 0
+    assert F.detect(tmp_path / "out.gguf")[0] == "gguf"
+    assert_deltas(deltas_of(tmp_path / "out.gguf"), {f"base_model.model.{n}": d.float() for n, d in read_deltas(src).items()})
