@@ -470,3 +470,14 @@ def test_llama_cpp_profile_writes_gguf(tmp_path):
     assert main(["convert", str(src), "--for", "llama.cpp", "-o", str(tmp_path / "out.gguf"), "--base", str(tmp_path / "hf")]) == 0
     assert F.detect(tmp_path / "out.gguf")[0] == "gguf"
     assert_deltas(deltas_of(tmp_path / "out.gguf"), {f"base_model.model.{n}": d.float() for n, d in read_deltas(src).items()})
+
+
+def test_format_layer_imports_stay_light():
+    """The format layer imports neither the optional gguf package nor the libraries the tests check against."""
+    import subprocess
+    import sys
+
+    code = ("import sys, adaptermerge.formats, adaptermerge.formats_cli, adaptermerge.cli\n"
+            "print(','.join(sorted(m for m in ('gguf', 'diffusers', 'lycoris', 'transformers', 'peft') if m in sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
