@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from . import formats
 from .adapter import Adapter, check_output_path
+from .errors import ParameterError
 
 
 @dataclass
@@ -29,12 +30,11 @@ class FormatOptions:
         """Before any input is opened: option values, and the output path (a file for GGUF/kohya/diffusers)."""
         formats.output_format(target, self.to, [], self.profile)  # validates --to / --for
         if self.in_format is not None and self.in_format not in formats.INPUT_FORMATS:
-            formats.load(".", format=self.in_format)  # raises the one-line ParameterError
+            raise ParameterError(f"--format must be one of {', '.join(formats.INPUT_FORMATS)}, got {self.in_format!r}")
         if self._file_target(target) and target.suffix != ".safetensors":
             from .formats.gguf_io import check_file_output
 
-            if os.path.lexists(target) or not target.parent.exists():
-                check_file_output(target, force=force, inputs=inputs)
+            check_file_output(target, force=force, inputs=inputs, create_parent=False)
             return
         check_output_path(target, force=force, inputs=inputs)
 

@@ -481,3 +481,9 @@ def test_format_layer_imports_stay_light():
             "print(','.join(sorted(m for m in ('gguf', 'diffusers', 'lycoris', 'transformers', 'peft') if m in sys.modules)))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_non_lora_tensors_refused_outside_peft(tmp_path, capsys):
+    src = write_adapter(tmp_path / "p", extra={"base_model.model.lm_head.modules_to_save.default.weight": torch.zeros(3, 16)})
+    for to, out in (("kohya", tmp_path / "o.safetensors"), ("gguf", tmp_path / "o.gguf")):
+        _cli_fails(capsys, ["convert", str(src), "--to", to, "-o", str(out)], out, 2, "modules_to_save")

@@ -85,10 +85,7 @@ def load(path: str | os.PathLike, *, format: str | None = None, base: str | os.P
     if fmt == "peft" and _has_conv_factors(p):
         return _load_peft_conv(p, why, alpha=alpha)
     if fmt == "peft":
-        kw: dict[str, Any] = {"require_alpha": require_alpha}
-        if p.is_file():
-            kw.update(alpha=alpha, rank=rank)
-        a = load_adapter(p, **kw)
+        a = load_adapter(p, alpha=alpha, rank=rank, require_alpha=require_alpha)
         a.format = "peft"
         a.layout = {}
         a.coverage = Coverage("peft", why, recognised=2 * len(a.modules))

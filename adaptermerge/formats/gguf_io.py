@@ -26,6 +26,7 @@ from ..adapter import Adapter, LoraModule, check_output_path
 from ..errors import InputError, OutputError, ParameterError
 from ..safetensors_io import temp_prefix
 from . import names as N
+from .sinks import _refuse_extras
 from .source import Coverage, FormatAdapter
 
 #: architectures whose tensor names map 1:1 and whose q/k rows llama.cpp permutes (True) or keeps (False)
@@ -160,7 +161,7 @@ def load_gguf(path: Path, *, base: Path | None = None, ignore_unknown: bool = Fa
                          coverage=cov, notes=notes, metadata=meta, extra_config=extra)
 
 
-def check_file_output(target: Path, *, force: bool, inputs: list[Path]) -> None:
+def check_file_output(target: Path, *, force: bool, inputs: list[Path], create_parent: bool = True) -> None:
     """Output checks for a single-file output of any extension (PEFT's rules for the rest)."""
     if not os.path.lexists(target):
         check_output_path(target, force=force, inputs=inputs)
@@ -171,6 +172,8 @@ def check_file_output(target: Path, *, force: bool, inputs: list[Path]) -> None:
             raise OutputError(f"{target} already exists; pass --force (force=True) to replace it")
         if target.is_dir():
             raise OutputError(f"{target} is a directory; cannot replace it with a file")
+    if not create_parent:
+        return
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -181,6 +184,7 @@ def write_gguf(adapter: Adapter, target: Path, *, force: bool, arch: str | None,
                out_dtype: torch.dtype, inputs: list[Path]) -> dict[str, Any]:
     """Write ``adapter`` (scale folded into its factors) as a llama.cpp GGUF LoRA adapter, atomically."""
     gguf = import_gguf()
+    _refuse_extras(adapter, "gguf")
     arch = arch or adapter.config.get("gguf_architecture") or "llama"
     if arch not in ARCHS:
         raise ParameterError(f"--gguf-arch {arch!r}: GGUF export supports architectures {', '.join(sorted(ARCHS))}")

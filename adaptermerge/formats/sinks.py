@@ -24,6 +24,11 @@ VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 PROFILES = ("vllm", "llama.cpp")
 
 
+def _refuse_extras(adapter: Adapter, fmt: str) -> None:
+    if adapter.extras:
+        raise ParameterError(f"non-LoRA tensor '{sorted(adapter.extras)[0]}' (modules_to_save or similar) has no place in a {fmt} LoRA file; write --to peft")
+
+
 def _shaped(m: LoraModule, kernel, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Conv layout: A (r, in, kh, kw), B (out, r, 1, 1); linear unchanged."""
     if kernel is None:
@@ -130,6 +135,7 @@ def _flux_groups(adapter: Adapter) -> dict[str, tuple[N.FluxTarget, list[str | N
 def write_kohya(adapter: Adapter, target: Path, *, force: bool, dtype: torch.dtype, layout: dict, inputs: list[Path]) -> dict[str, Any]:
     if target.suffix != ".safetensors":
         raise ParameterError(f"kohya output must be a file ending in .safetensors, got {target}")
+    _refuse_extras(adapter, "kohya")
     comps = {N.split_component(n)[0] for n in adapter.modules}
     # Flux (diffusers-named transformer blocks) goes back to BFL's fused modules
     flux = "transformer" in comps and any(".single_transformer_blocks." in n or ".attn.add_q_proj" in n for n in adapter.modules)
@@ -198,7 +204,10 @@ def write_kohya(adapter: Adapter, target: Path, *, force: bool, dtype: torch.dty
 def write_diffusers(adapter: Adapter, target: Path, *, force: bool, dtype: torch.dtype, layout: dict, inputs: list[Path]) -> dict[str, Any]:
     if target.suffix != ".safetensors":
         raise ParameterError(f"diffusers output must be a file ending in .safetensors, got {target}")
-    for name in adapter.modules:
+    _refuse_extras(adapter, "diffusers")
+    for name, m in adapter.modules.items():
+        if m.kind == "embedding":
+            raise ParameterError(f"module '{name}' is an embedding LoRA; the diffusers writer handles linear and conv modules only")
         if N.split_component(name)[0] is None:
             raise ParameterError(f"module '{name}' has no diffusers component (unet., transformer., text_encoder.); "
                                  f"diffusers LoRA files are for diffusion pipelines: write --to peft")
