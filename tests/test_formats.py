@@ -7,8 +7,6 @@ Fixtures are written here from the formats' public key layouts; expected deltas 
 from __future__ import annotations
 
 import json
-import math
-import os
 from pathlib import Path
 
 import pytest

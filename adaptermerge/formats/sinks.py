@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..adapter import SCALE_FOLDED_KEY, Adapter, LoraModule, OutputTarget, build_peft_config, resolve_output_dtype
+from ..adapter import SCALE_FOLDED_KEY, Adapter, LoraModule, OutputTarget, build_peft_config
 from ..errors import ParameterError
 from ..safetensors_io import SafetensorsWriter
 from . import names as N
