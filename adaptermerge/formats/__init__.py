@@ -39,6 +39,7 @@ def detect(path: str | os.PathLike) -> tuple[str, str]:
         with open(p, "rb") as f:
             magic = f.read(4)
     except OSError as e:
+        read_header(p)  # raises the reader's own one-line error (permissions, not a regular file, ...)
         raise InputError(f"{p}: cannot read: {e.strerror or e}") from None
     if magic == b"GGUF":
         return "gguf", "GGUF magic"
@@ -78,9 +79,12 @@ def load(path: str | os.PathLike, *, format: str | None = None, base: str | os.P
     p = Path(path)
     if format is not None and format not in INPUT_FORMATS:
         raise ParameterError(f"--format must be one of {', '.join(INPUT_FORMATS)}, got {format!r}")
-    if not p.exists():
+    if not os.path.lexists(p):
         raise InputError(f"{p}: no such file or directory")
-    fmt, why = (format, "--format") if format else detect(p)
+    try:
+        fmt, why = (format, "--format") if format else detect(p)
+    except OSError:  # e.g. a folder without search permission: the PEFT reader reports it in its own words
+        fmt, why = "peft", "unreadable path"
     b = Path(base) if base is not None else None
     if fmt == "peft" and _has_conv_factors(p):
         return _load_peft_conv(p, why, alpha=alpha)
@@ -110,10 +114,13 @@ def _has_conv_factors(p: Path) -> bool:
     """A PEFT adapter with 4-D (conv) factors, which the engine's PEFT reader does not take."""
     from ..safetensors_io import read_header
 
-    w = _weights_of(p)
-    if not w.is_file():
+    try:
+        w = _weights_of(p)
+        if not w.is_file():
+            return False
+        h = read_header(w)
+    except (OSError, InputError):  # unreadable: the PEFT reader reports it in its own words
         return False
-    h = read_header(w)
     return any(len(e.shape) == 4 and _KEY_RE.match(k) for k, e in h.tensors.items())
 
 
