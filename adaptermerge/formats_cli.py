@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import formats
-from .adapter import Adapter, check_output_path
+from .adapter import Adapter
 from .errors import ParameterError
 
 
@@ -36,7 +36,9 @@ class FormatOptions:
 
             check_file_output(target, force=force, inputs=inputs, create_parent=False)
             return
-        check_output_path(target, force=force, inputs=inputs)
+        from .formats.sinks import check_pipeline_target
+
+        check_pipeline_target(target, force=force, inputs=inputs)
 
     def load_inputs(self, paths: Sequence[str], alphas: Sequence[float | None]) -> list[Adapter]:
         ads = []

@@ -485,3 +485,24 @@ def test_non_lora_tensors_refused_outside_peft(tmp_path, capsys):
     src = write_adapter(tmp_path / "p", extra={"base_model.model.lm_head.modules_to_save.default.weight": torch.zeros(3, 16)})
     for to, out in (("kohya", tmp_path / "o.safetensors"), ("gguf", tmp_path / "o.gguf")):
         _cli_fails(capsys, ["convert", str(src), "--to", to, "-o", str(out)], out, 2, "modules_to_save")
+
+
+def test_pipeline_lora_to_peft_is_a_folder_per_component(tmp_path):
+    """An SD LoRA (UNet + text encoder) as PEFT: one adapter per component, in diffusers' sub-folder names; PEFT
+    loads each on its own model, and it reads back (and converts back to kohya) with the same deltas."""
+    f = tmp_path / "k.safetensors"
+    want = kohya_file(f)
+    assert main(["convert", str(f), "--to", "peft", "-o", str(tmp_path / "p")]) == 0
+    assert sorted(x.name for x in (tmp_path / "p").iterdir()) == ["text_encoder", "unet"]
+    te = read_deltas(tmp_path / "p" / "text_encoder")
+    torch.testing.assert_close(te[TE_Q].float(), want[f"text_encoder.{TE_Q}"], rtol=1e-5, atol=1e-5)
+    assert F.detect(tmp_path / "p")[0] == "peft"
+    assert_deltas(deltas_of(tmp_path / "p"), want)
+    assert main(["convert", str(tmp_path / "p"), "-o", str(tmp_path / "back.safetensors"), "--to", "kohya"]) == 0
+    assert_deltas(deltas_of(tmp_path / "back.safetensors"), want)
+    assert F.load(tmp_path / "back.safetensors").layout == {f"unet.{UNET_CONV}": (3, 3), f"unet.{UNET_SHORT}": (1, 1)}
+    assert main(["convert", str(f), "--to", "peft", "-o", str(tmp_path / "p"), "--force"]) == 0  # replaces its own kind
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    assert main(["convert", str(f), "--to", "peft", "-o", str(tmp_path / "other"), "--force"]) == 5
+    assert (tmp_path / "other" / "notes.txt").exists()

@@ -34,6 +34,8 @@ def detect(path: str | os.PathLike) -> tuple[str, str]:
 
     p = Path(path)
     if p.is_dir():
+        if _pipeline_parts(p):
+            return "peft", f"a folder of PEFT adapters per pipeline component ({', '.join(_pipeline_parts(p))})"
         return "peft", "an adapter folder"
     try:
         with open(p, "rb") as f:
@@ -86,6 +88,8 @@ def load(path: str | os.PathLike, *, format: str | None = None, base: str | os.P
     except OSError:  # e.g. a folder without search permission: the PEFT reader reports it in its own words
         fmt, why = "peft", "unreadable path"
     b = Path(base) if base is not None else None
+    if fmt == "peft" and p.is_dir() and _pipeline_parts(p):
+        return _load_pipeline(p, why)
     if fmt == "peft" and _has_conv_factors(p):
         return _load_peft_conv(p, why, alpha=alpha)
     if fmt == "peft":
@@ -104,6 +108,37 @@ def load(path: str | os.PathLike, *, format: str | None = None, base: str | os.P
     from ..safetensors_io import read_header
 
     return load_safetensors_format(p, read_header(p), fmt, why, base=b, ignore_unknown=ignore_unknown)
+
+
+def _pipeline_parts(p: Path) -> list[str]:
+    """Component sub-folders holding PEFT adapters, for a folder that is not itself an adapter."""
+    try:
+        if (p / "adapter_config.json").exists():
+            return []
+        return [c for c in N.COMPONENTS if (p / c / "adapter_config.json").is_file()]
+    except OSError:
+        return []
+
+
+def _load_pipeline(p: Path, why: str) -> Adapter:
+    """A folder of per-component PEFT adapters (as the PEFT sink writes a pipeline LoRA) as one adapter."""
+    parts = {c: load(p / c) for c in _pipeline_parts(p)}
+    mods, recipes, layout, notes, recognised = {}, {}, {}, [], 0
+    for comp, sub in parts.items():
+        mapping = {n: f"{comp}.{N.split_component(n)[1]}" for n in sub.modules}
+        view = renamed(sub, mapping, f"component {comp}")
+        mods.update(view.modules)
+        recipes.update(view._recipes)
+        layout.update(view.layout)
+        notes += [f"{comp}: {n}" for n in sub.notes]
+        recognised += sub.coverage.recognised
+    cov = Coverage("peft", why, mapping="component sub-folders", recognised=recognised, kinds={"lora": len(mods)})
+    out = FormatAdapter(name=str(p), path=p, fmt="peft", modules=mods, recipes=recipes, getter=lambda k: None,
+                        layout=layout, coverage=cov, notes=notes, metadata={})
+    import hashlib
+
+    out._sha = hashlib.sha256("".join(f"{c}:{a.sha256()}" for c, a in parts.items()).encode()).hexdigest()
+    return out
 
 
 def _weights_of(p: Path) -> Path:

@@ -9,6 +9,7 @@ of other ranks pre-multiplied by ``r / alpha``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,7 @@ def write_peft(adapter: Adapter, target: Path, *, force: bool, dtype: torch.dtyp
                profile: str | None = None) -> dict[str, Any]:
     comps = {N.split_component(n)[0] for n in adapter.modules}
     if len(comps) > 1:
-        raise ParameterError(f"a PEFT adapter adapts one model, but these modules span {', '.join(sorted(str(c) for c in comps))}; "
-                             f"write --to diffusers (or kohya) for a pipeline LoRA")
+        return write_peft_pipeline(adapter, target, comps, force=force, dtype=dtype, layout=layout, inputs=inputs, profile=profile)
     report: dict[str, Any] = {"format": "peft", "renamed_from_component": next(iter(comps))}
     mods, factors = {}, {}
     ranks = [m.rank for m in adapter.modules.values()]
@@ -110,6 +110,66 @@ def write_peft(adapter: Adapter, target: Path, *, force: bool, dtype: torch.dtyp
         out.write_config(cfg)
     report["modules"] = len(mods)
     return report
+
+
+def is_pipeline_folder(target: Path) -> bool:
+    """An existing folder holding only component sub-folders (what :func:`write_peft_pipeline` writes)."""
+    try:
+        entries = list(target.iterdir()) if target.is_dir() and not target.is_symlink() else []
+    except OSError:
+        return False
+    return bool(entries) and all(e.is_dir() and e.name in N.COMPONENTS for e in entries)
+
+
+def check_pipeline_target(target: Path, *, force: bool, inputs: list[Path]) -> None:
+    from ..adapter import check_output_path
+    from ..errors import OutputError
+
+    if not os.path.lexists(target):
+        check_output_path(target, force=force, inputs=inputs)
+        return
+    if any(Path(i).resolve() == target.resolve() or target.resolve() in Path(i).resolve().parents for i in inputs):
+        raise ParameterError(f"output {target} contains input; choose another output path")
+    if not force:
+        raise OutputError(f"{target} already exists; pass --force (force=True) to replace it")
+    if not is_pipeline_folder(target):
+        check_output_path(target, force=force, inputs=inputs)  # an adapter folder, or refused in its words
+
+
+def write_peft_pipeline(adapter: Adapter, target: Path, comps: set, *, force: bool, dtype: torch.dtype, layout: dict,
+                        inputs: list[Path], profile: str | None) -> dict[str, Any]:
+    """A pipeline LoRA (several components) as a folder of PEFT adapters, one per component, named like diffusers'
+    pipeline sub-folders: ``<target>/unet/``, ``<target>/text_encoder/``, ... The whole folder appears atomically."""
+    import shutil
+    import tempfile
+
+    from ..adapter import _fsync_dir, _replace_dir
+    from ..safetensors_io import temp_prefix
+    from .source import renamed
+
+    if None in comps:
+        raise ParameterError("modules with and without a pipeline component cannot go into one PEFT output")
+    if target.suffix == ".safetensors":
+        raise ParameterError(f"a pipeline LoRA ({', '.join(sorted(comps))}) as PEFT is a folder of adapters, one per component; "
+                             f"give a folder, not {target.name} (or write --to diffusers / kohya for one file)")
+    check_pipeline_target(target, force=force, inputs=inputs)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=target.parent))
+    reports = {}
+    try:
+        for comp in sorted(comps):
+            names = {n: n for n in adapter.modules if N.split_component(n)[0] == comp}
+            sub = renamed(adapter, names, f"component {comp}")
+            sub.config = dict(adapter.config)
+            sub.metadata = dict(adapter.metadata)
+            reports[comp] = write_peft(sub, tmp / comp, force=False, dtype=dtype, layout={n: layout[n] for n in names if n in layout},
+                                       inputs=[], profile=profile)
+        _fsync_dir(tmp)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"format": "peft", "pipeline": reports, "modules": sum(r["modules"] for r in reports.values())}
 
 
 # ------------------------------------------------------------------------------------------------ kohya
