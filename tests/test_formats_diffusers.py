@@ -152,3 +152,37 @@ def test_diffusers_applies_our_flux_output(tmp_path):
         got = model(**inputs).sample
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert (got - base).abs().max() > 1e-2
+
+
+def test_peft_loads_our_peft_output_of_a_kohya_unet_lora(tmp_path):
+    """kohya (UNet only) -> PEFT adapter folder: peft.PeftModel.from_pretrained on the UNet gives base + our delta
+    (linear, 1x1 and 3x3 conv modules)."""
+    import peft
+
+    unet = tiny_unet()
+    layers = dict(unet.named_modules())
+    g = torch.Generator().manual_seed(3)
+    t = {}
+    for name in PICK:
+        w = layers[name].weight
+        key = "lora_unet_" + name.replace(".", "_")
+        t[f"{key}.lora_down.weight"] = torch.randn(4, *w.shape[1:], generator=g) * 0.1
+        t[f"{key}.lora_up.weight"] = torch.randn(w.shape[0], 4, *([1, 1] if w.dim() == 4 else []), generator=g) * 0.1
+        t[f"{key}.alpha"] = torch.tensor(8.0)
+    save_file(t, str(tmp_path / "k.safetensors"))
+    a = F.load(tmp_path / "k.safetensors")
+    F.save(a, tmp_path / "p", to="peft")
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    tt, enc = torch.tensor([10]), torch.randn(1, 5, 32, generator=g)
+    want_model = copy.deepcopy(unet)
+    named = dict(want_model.named_modules())
+    with torch.no_grad():
+        for name in a.modules:
+            w = named[name.split(".", 1)[1]].weight
+            w += a.delta(name).reshape(w.shape)
+        want, base = want_model(x, tt, enc).sample, unet(x, tt, enc).sample
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(unet), str(tmp_path / "p")).eval()
+    with torch.no_grad():
+        got = model(x, tt, enc).sample
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+    assert (got - base).abs().max() > 1e-2

@@ -121,6 +121,8 @@ def load_gguf(path: Path, *, base: Path | None = None, ignore_unknown: bool = Fa
         if len(sa) != 2 or len(sb) != 2 or sa[0] != sb[1]:
             raise InputError(f"{where}: '{name}' {sa} and '{stem}.lora_b' {sb} are not (r, in) and (out, r)")
         gname = stem.removesuffix(".weight")
+        if gname == "token_embd":
+            raise InputError(f"{where}: '{name}' is an embedding LoRA (token_embd), stored transposed by llama.cpp's converter; not supported")
         hf = reverse.get(gname)
         if hf is None:
             unknown += [name, stem + ".lora_b"]
