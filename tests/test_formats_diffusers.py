@@ -186,3 +186,55 @@ def test_peft_loads_our_peft_output_of_a_kohya_unet_lora(tmp_path):
         got = model(x, tt, enc).sample
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
     assert (got - base).abs().max() > 1e-2
+
+
+def test_ldm_named_kohya_lora_matches_diffusers(tmp_path):
+    """A kohya LoRA in Stable Diffusion's original (LDM) UNet names: our mapping gives the deltas diffusers applies."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
+    ).eval()
+    layers = dict(unet.named_modules())
+    ldm = {"input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+           "input_blocks_2_1_transformer_blocks_0_attn1_to_q": "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q",
+           "input_blocks_3_0_op": "down_blocks.0.downsamplers.0.conv",
+           "input_blocks_4_0_skip_connection": "down_blocks.1.resnets.0.conv_shortcut",
+           "middle_block_1_proj_in": "mid_block.attentions.0.proj_in",
+           "middle_block_2_emb_layers_1": "mid_block.resnets.1.time_emb_proj",
+           "output_blocks_2_1_conv": "up_blocks.0.upsamplers.0.conv",
+           "output_blocks_4_1_transformer_blocks_0_ff_net_2": "up_blocks.1.attentions.1.transformer_blocks.0.ff.net.2",
+           "output_blocks_5_0_out_layers_3": "up_blocks.1.resnets.2.conv2"}
+    g = torch.Generator().manual_seed(4)
+    t = {}
+    for name, path in ldm.items():
+        w = layers[path].weight
+        t[f"lora_unet_{name}.lora_down.weight"] = torch.randn(4, *w.shape[1:], generator=g) * 0.1
+        t[f"lora_unet_{name}.lora_up.weight"] = torch.randn(w.shape[0], 4, *([1, 1] if w.dim() == 4 else []), generator=g) * 0.1
+        t[f"lora_unet_{name}.alpha"] = torch.tensor(2.0)
+    save_file(t, str(tmp_path / "ldm_all.safetensors"))
+    a = F.load(tmp_path / "ldm_all.safetensors")
+    assert sorted(a.modules) == sorted(f"unet.{p}" for p in ldm.values())
+    assert "LDM" in a.coverage.mapping
+    # diffusers 0.42 maps the upsampler of a level without attention (output block slot 1) to a non-existent
+    # 'attentions.2.conv' and so drops it; compare the rest with what diffusers applies
+    t = {k: v for k, v in t.items() if not k.startswith("lora_unet_output_blocks_2_1_conv.")}
+    save_file(t, str(tmp_path / "ldm.safetensors"))
+    a = F.load(tmp_path / "ldm.safetensors")
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    tt, enc = torch.tensor([10]), torch.randn(1, 5, 32, generator=g)
+    want_model = copy.deepcopy(unet)
+    named = dict(want_model.named_modules())
+    with torch.no_grad():
+        for name in a.modules:
+            w = named[name.split(".", 1)[1]].weight
+            w += a.delta(name).reshape(w.shape)
+        want, base = want_model(x, tt, enc).sample, unet(x, tt, enc).sample
+    model = copy.deepcopy(unet)
+    sd, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(tmp_path / "ldm.safetensors"), unet_config=unet.config)
+    StableDiffusionLoraLoaderMixin.load_lora_into_unet(sd, alphas, unet=model, adapter_name="x")
+    with torch.no_grad():
+        got = model(x, tt, enc).sample
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+    assert (got - base).abs().max() > 1e-2

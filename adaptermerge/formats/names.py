@@ -16,6 +16,7 @@ adaptermerge-written file carries in its metadata.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -132,6 +133,48 @@ def _flux_table(double: int = 19, single: int = 38) -> dict[str, FluxTarget]:
 FLUX = _flux_table()
 UNET = {underscored(p): p for p in _unet_paths()}
 CLIP = {underscored(p): p for p in _clip_paths()}
+
+
+# Stable Diffusion's original (LDM / SGM) UNet names, as A1111-era trainers write them: layers_per_block = 2 for
+# SD 1.x/2.x and SDXL, so input block n >= 1 is down level (n-1)//3, slot (n-1)%3 (slot 2: the downsampler), and
+# output block n is up level n//3, resnet n%3.
+_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj", "skip_connection": "conv_shortcut"}
+_ATTN_INNER = {underscored(p[len("x."):]): p[len("x."):] for p in _attention_block("x", 10)}
+_LDM_FIXED = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding.linear_1",
+              "time_embed_2": "time_embedding.linear_2", "label_emb_0_0": "add_embedding.linear_1",
+              "label_emb_0_2": "add_embedding.linear_2"}
+_LDM_RE = re.compile(r"^(?P<kind>input_blocks|middle_block|output_blocks)_(?P<n>\d+)_(?P<slot>\d+)_(?P<rest>.+)$")
+
+
+def ldm_unet_path(name: str) -> str | None:
+    """The diffusers module path of an LDM-named UNet module (underscored, without ``lora_unet_``), or None."""
+    if name in _LDM_FIXED:
+        return _LDM_FIXED[name]
+    mid = re.match(r"^middle_block_(?P<n>[012])_(?P<rest>.+)$", name)
+    if mid is not None:
+        n, rest = int(mid.group("n")), mid.group("rest")
+        inner = _ATTN_INNER.get(rest) if n == 1 else _RESNET.get(rest)
+        return f"mid_block.{'attentions.0' if n == 1 else f'resnets.{n // 2}'}.{inner}" if inner is not None else None
+    m = _LDM_RE.match(name)
+    if m is None:
+        return None
+    kind, n, slot, rest = m.group("kind"), int(m.group("n")), int(m.group("slot")), m.group("rest")
+    if kind == "input_blocks":
+        if n == 0:
+            return None
+        level, j = (n - 1) // 3, (n - 1) % 3
+        if j == 2:
+            return f"down_blocks.{level}.downsamplers.0.conv" if slot == 0 and rest == "op" else None
+        prefix = f"down_blocks.{level}.{'resnets' if slot == 0 else 'attentions'}.{j}"
+    elif kind == "middle_block":
+        return None
+    else:
+        level, j = n // 3, n % 3
+        if rest == "conv" and slot in (1, 2):
+            return f"up_blocks.{level}.upsamplers.0.conv"
+        prefix = f"up_blocks.{level}.{'resnets' if slot == 0 else 'attentions'}.{j}"
+    inner = _RESNET.get(rest) if slot == 0 else _ATTN_INNER.get(rest)
+    return f"{prefix}.{inner}" if inner is not None else None
 
 
 def is_flux(kohya_unet_names: Iterable[str]) -> bool:

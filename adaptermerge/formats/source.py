@@ -468,6 +468,8 @@ def resolve_names(keys: list[str], metadata: dict[str, str], base: Path | None, 
         path = (N.UNET if comp == "unet" else N.CLIP).get(rest)
         if path is not None:
             hit(k, f"{comp}.{path}", "architecture table SD1.x/SDXL UNet" if comp == "unet" else "architecture table CLIP text encoder")
+        elif comp == "unet" and (path := N.ldm_unet_path(rest)) is not None:
+            hit(k, f"{comp}.{path}", "Stable Diffusion LDM UNet names (layers_per_block 2)")
     desc = "; ".join(f"{how} ({n})" for how, n in used.items())
     if base_paths is not None and not any(h.startswith("module paths of --base") for h in used):
         desc += f"; --base {base} matched no module"
