@@ -506,3 +506,12 @@ def test_pipeline_lora_to_peft_is_a_folder_per_component(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("x")
     assert main(["convert", str(f), "--to", "peft", "-o", str(tmp_path / "other"), "--force"]) == 5
     assert (tmp_path / "other" / "notes.txt").exists()
+
+
+def test_gpt2_style_bare_peft_file_is_not_taken_for_diffusers(tmp_path):
+    g = torch.Generator().manual_seed(9)
+    save_file({"transformer.h.0.attn.c_attn.lora_A.weight": rand(2, 8, g=g), "transformer.h.0.attn.c_attn.lora_B.weight": rand(24, 2, g=g)},
+              str(tmp_path / "gpt2.safetensors"))
+    assert F.detect(tmp_path / "gpt2.safetensors")[0] == "peft"
+    with pytest.raises(ParameterError, match="--alpha"):  # as before: a bare PEFT file needs its alpha
+        F.load(tmp_path / "gpt2.safetensors")

@@ -55,6 +55,10 @@ def detect(path: str | os.PathLike) -> tuple[str, str]:
     if kohya:
         return "kohya", f"kohya prefixes (e.g. '{kohya}')"
     diff = next((k for k, pk in parsed if pk and not k.startswith(N.PEFT_PREFIX) and N.split_component(pk[0])[0]), None)
+    # (GPT-2-style language models also have a top-level 'transformer' module: transformer.h.N...; their bare PEFT
+    # files, like any file carrying PEFT's lora_alpha/r metadata, stay PEFT)
+    if diff and (diff.startswith("transformer.h.") or {"lora_alpha", "r"} & set(header.metadata)):
+        diff = None
     if diff:
         return "diffusers", f"diffusers component prefixes (e.g. '{diff}')"
     peft = next((k for k in keys if _KEY_RE.match(k)), None)
@@ -107,7 +111,10 @@ def load(path: str | os.PathLike, *, format: str | None = None, base: str | os.P
         raise InputError(f"{p}: a folder can only be a PEFT adapter; --format {fmt} needs a .safetensors file")
     from ..safetensors_io import read_header
 
-    return load_safetensors_format(p, read_header(p), fmt, why, base=b, ignore_unknown=ignore_unknown)
+    a = load_safetensors_format(p, read_header(p), fmt, why, base=b, ignore_unknown=ignore_unknown)
+    if alpha is not None or rank is not None:
+        a.notes.append(f"--alpha/--rank not used: {fmt} files carry their scale per module")
+    return a
 
 
 def _pipeline_parts(p: Path) -> list[str]:
