@@ -393,6 +393,10 @@ def test_dora_and_half_pairs_refused(tmp_path):
                f"{key}.dora_scale": torch.zeros(1, 32)}, str(tmp_path / "d.safetensors"))
     with pytest.raises(InputError, match="DoRA"):
         F.load(tmp_path / "d.safetensors")
+    save_file({f"{key}.lora_down.weight": torch.zeros(4, 32), f"{key}.lora_up.weight": torch.zeros(32, 4),
+               f"{key}.hada_w1_a": torch.zeros(32, 2)}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(InputError, match="mixes hada and lora"):
+        F.load(tmp_path / "m.safetensors")
 
 
 def test_inspect_reports_format_mapping_and_scales(tmp_path, capsys):

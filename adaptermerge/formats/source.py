@@ -172,6 +172,9 @@ def build_module(where: str, mkey: str, parts: dict[str, Any], get: Getter) -> M
     alpha = _alpha_value(where, parts["alpha"].name, get, _entry_dims(parts["alpha"])) if "alpha" in parts else None
     keys = [e.name for e in parts.values()]
     names = set(parts) - {"alpha"}
+    families = {("lora" if n in ("down", "up", "mid") else n.split("_")[0]) for n in names}
+    if len(families) > 1:
+        raise InputError(f"{where}: module '{mkey}' mixes {' and '.join(sorted(families))} tensors ({', '.join(sorted(keys))})")
     if names & {"down", "up", "mid"}:
         return _lora_module(where, mkey, parts, alpha, keys)
     if names & {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}:
