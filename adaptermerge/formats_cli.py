@@ -86,7 +86,8 @@ def output_notes(report: dict[str, Any]) -> list[str]:
 
 
 def scales_note(a: Adapter) -> str:
-    c = Counter(round(m.scale, 6) for m in a.modules.values())
+    own = getattr(a, "reported_scales", {})
+    c = Counter(round(own.get(n, m.scale), 6) for n, m in a.modules.items())
     return "scale per module: " + ", ".join(f"{s:g} (x{n})" for s, n in sorted(c.items()))
 
 
@@ -96,7 +97,8 @@ def add_input_reports(summary: dict[str, Any], adapters: Sequence[Adapter]) -> N
         cov = getattr(a, "coverage", None)
         if cov is not None:
             inp["format"] = cov.as_dict()
-        inp["scales"] = {n: m.scale for n, m in a.modules.items()}
+        own = getattr(a, "reported_scales", {})
+        inp["scales"] = {n: own.get(n, m.scale) for n, m in a.modules.items()}
         if getattr(a, "format", "peft") != "peft":
             inp.setdefault("notes", []).append(scales_note(a))
 

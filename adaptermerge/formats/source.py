@@ -115,6 +115,8 @@ def renamed(adapter: Adapter, mapping: dict[str, str], why: str) -> FormatAdapte
                       recipes=recipes, getter=lambda k: torch.empty(0), layout=layout, coverage=cov,
                       notes=adapter.notes + [why], metadata=adapter.metadata, header=adapter._header)
     a._sha = adapter.sha256()
+    orig = getattr(adapter, "reported_scales", {})
+    a.reported_scales = {new: orig.get(old, adapter.modules[old].scale) for old, new in mapping.items()}  # the file's own
     return a
 
 
