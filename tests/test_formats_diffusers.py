@@ -105,6 +105,22 @@ def test_flux_table_matches_diffusers_kohya_converter():
     assert sorted(ours) == sorted(theirs_d)
     for k in ours:
         assert torch.equal(ours[k], theirs_d[k]), k
+    # and the other way: our kohya writer fuses diffusers-named modules back so that diffusers' converter recovers them
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as d:
+        save_file(t, f"{d}/in.safetensors")
+        F.save(F.load(f"{d}/in.safetensors"), Path(d) / "out.safetensors", to="kohya")
+        written = load_file(f"{d}/out.safetensors")
+    again = _convert_kohya_flux_lora_to_diffusers(dict(written))
+    again_d = {k[: -len(".lora_A.weight")].removeprefix("transformer."): again[k.replace("lora_A", "lora_B")] @ v
+               for k, v in again.items() if k.endswith(".lora_A.weight")}
+    assert sorted(again_d) == sorted(ours)
+    for k in ours:
+        torch.testing.assert_close(again_d[k], ours[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
 def source_entry(t, key):
