@@ -519,3 +519,15 @@ def test_gpt2_style_bare_peft_file_is_not_taken_for_diffusers(tmp_path):
     assert F.detect(tmp_path / "gpt2.safetensors")[0] == "peft"
     with pytest.raises(ParameterError, match="--alpha"):  # as before: a bare PEFT file needs its alpha
         F.load(tmp_path / "gpt2.safetensors")
+
+
+def test_outputs_are_byte_reproducible(tmp_path):
+    f = tmp_path / "k.safetensors"
+    kohya_file(f)
+    src = write_adapter(tmp_path / "p")
+    for i in (1, 2):
+        assert main(["merge", str(f), str(f), "--method", "dare_ties", "--density", "0.5", "--seed", "3", "-o", str(tmp_path / f"m{i}.safetensors"), "-q"]) == 0
+        assert main(["convert", str(src), "--to", "gguf", "--gguf-arch", "qwen2", "-o", str(tmp_path / f"g{i}.gguf")]) == 0
+    assert (tmp_path / "m1.safetensors").read_bytes() == (tmp_path / "m2.safetensors").read_bytes()
+    assert (tmp_path / "g1.gguf").read_bytes() == (tmp_path / "g2.gguf").read_bytes()
+    assert_deltas(deltas_of(tmp_path / "g1.gguf"), {f"base_model.model.{n}": d.float() for n, d in read_deltas(src).items()})
