@@ -254,3 +254,35 @@ def test_ldm_named_kohya_lora_matches_diffusers(tmp_path):
         got = model(x, tt, enc).sample
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
     assert (got - base).abs().max() > 1e-2
+
+
+def test_sdxl_ldm_names_map_as_diffusers_maps_them(tmp_path):
+    """SDXL LoRAs from sd-scripts use SGM/LDM UNet names. For every such module of SDXL's structure (3 levels, 2
+    resnets each, attention with up to 10 transformer blocks in levels 1-2), our diffusers path equals the one
+    diffusers' own mapping gives (only its name, so no model is built)."""
+    from types import SimpleNamespace
+
+    from adaptermerge.formats import names as N
+
+    names = ["input_blocks_0_0", "time_embed_0", "label_emb_0_2", "out_2", "input_blocks_3_0_op", "input_blocks_6_0_op",
+             "input_blocks_1_0_in_layers_2", "input_blocks_2_0_emb_layers_1", "input_blocks_4_0_skip_connection",
+             "input_blocks_4_1_proj_in", "input_blocks_8_1_transformer_blocks_9_attn2_to_k", "input_blocks_7_1_transformer_blocks_0_ff_net_0_proj",
+             "middle_block_0_out_layers_3", "middle_block_1_transformer_blocks_3_attn1_to_out_0", "middle_block_2_in_layers_2",
+             "output_blocks_0_0_skip_connection", "output_blocks_2_1_transformer_blocks_5_attn1_to_v", "output_blocks_2_2_conv",
+             "output_blocks_5_2_conv", "output_blocks_4_1_proj_out", "output_blocks_8_0_out_layers_3"]
+    t = {}
+    for n in names:
+        t[f"lora_unet_{n}.lora_down.weight"] = torch.zeros(1, 4)
+        t[f"lora_unet_{n}.lora_up.weight"] = torch.zeros(4, 1)
+    save_file(t, str(tmp_path / "sdxl.safetensors"))
+    sd, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(str(tmp_path / "sdxl.safetensors"), unet_config=SimpleNamespace(layers_per_block=2))
+    theirs = set()
+    for k in sd:
+        if k.endswith("down.weight") and k.startswith("unet."):
+            path = k[len("unet."):].replace(".lora.down.weight", "")
+            for proj in ("to_q", "to_k", "to_v"):
+                path = path.replace(f".processor.{proj}_lora.down.weight", f".{proj}")
+            theirs.add(path.replace(".processor.to_out_lora.down.weight", ".to_out.0"))
+    ours = {N.ldm_unet_path(n) for n in names}
+    assert None not in ours
+    assert ours == theirs
