@@ -531,3 +531,16 @@ def test_outputs_are_byte_reproducible(tmp_path):
     assert (tmp_path / "m1.safetensors").read_bytes() == (tmp_path / "m2.safetensors").read_bytes()
     assert (tmp_path / "g1.gguf").read_bytes() == (tmp_path / "g2.gguf").read_bytes()
     assert_deltas(deltas_of(tmp_path / "g1.gguf"), {f"base_model.model.{n}": d.float() for n, d in read_deltas(src).items()})
+
+
+def test_loha_rank_capped_at_full_rank_exactly(tmp_path):
+    g = torch.Generator().manual_seed(10)
+    w1a, w1b, w2a, w2b = rand(6, 4, g=g), rand(4, 10, g=g), rand(6, 4, g=g), rand(4, 10, g=g)  # r^2 = 16 > min(6, 10)
+    key = k(UNET_Q)
+    save_file({f"{key}.hada_w1_a": w1a, f"{key}.hada_w1_b": w1b, f"{key}.hada_w2_a": w2a, f"{key}.hada_w2_b": w2b},
+              str(tmp_path / "l.safetensors"))
+    a = F.load(tmp_path / "l.safetensors")
+    m = a.modules[f"unet.{UNET_Q}"]
+    b_, a_ = a.factors(m.name)
+    assert m.rank == 6 and a_.shape[0] == 6 and b_.shape == (6, 6)
+    torch.testing.assert_close(a.delta(m.name), (w1a @ w1b) * (w2a @ w2b), rtol=1e-5, atol=1e-5)

@@ -249,10 +249,21 @@ def _loha_module(where, mkey, parts, alpha, keys) -> ModuleSpec:
         w1a, w1b, w2a, w2b = (get(ks[k]).float() for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
         b = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], -1)
         a = (w1b[:, None, :] * w2b[None, :, :]).reshape(-1, w1b.shape[1])
-        return b, a
+        return _capped(b, a)
 
     scale = (alpha if alpha is not None else r1) / r1
-    return ModuleSpec(mkey, "loha", out, inp, r1 * r2, scale, alpha, r1, None, parts["hada_w1_a"].dtype, recipe, keys)
+    return ModuleSpec(mkey, "loha", out, inp, min(r1 * r2, out, inp), scale, alpha, r1, None, parts["hada_w1_a"].dtype, recipe, keys)
+
+
+def _capped(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of rank at most min(m, n): a product of rank above that (LoHa r^2, LoKr r1*r2) is replaced by the exact
+    full-rank factorisation (delta, I) or (I, delta), which is smaller and equal."""
+    m, k = b.shape
+    n = a.shape[1]
+    if k <= min(m, n):
+        return b, a
+    d = b @ a
+    return (d, torch.eye(n)) if n <= m else (torch.eye(m), d)
 
 
 def _lokr_module(where, mkey, parts, alpha, keys) -> ModuleSpec:
@@ -290,9 +301,9 @@ def _lokr_module(where, mkey, parts, alpha, keys) -> ModuleSpec:
     def recipe(get: Getter):
         b1, a1_ = side_factors(k1, x1, y1, a1, c1, get)
         b2, a2_ = side_factors(k2, x2, y2, a2, c2, get)
-        return torch.kron(b1, b2), torch.kron(a1_, a2_)
+        return _capped(torch.kron(b1, b2), torch.kron(a1_, a2_))
 
-    rank = (r1 if r1 is not None else min(a1, c1)) * (r2 if r2 is not None else min(a2, c2))
+    rank = min((r1 if r1 is not None else min(a1, c1)) * (r2 if r2 is not None else min(a2, c2)), out, inp)
     # LyCORIS: scale = alpha / lora_dim when a side is low-rank; both sides full matrices means scale 1
     scale = 1.0 if not ranks else (alpha if alpha is not None else nominal) / nominal
     main = parts.get("lokr_w2") or parts.get("lokr_w2_a")
