@@ -506,6 +506,8 @@ def test_pipeline_lora_to_peft_is_a_folder_per_component(tmp_path):
     assert_deltas(deltas_of(tmp_path / "back.safetensors"), want)
     assert F.load(tmp_path / "back.safetensors").layout == {f"unet.{UNET_CONV}": (3, 3), f"unet.{UNET_SHORT}": (1, 1)}
     assert main(["convert", str(f), "--to", "peft", "-o", str(tmp_path / "p"), "--force"]) == 0  # replaces its own kind
+    assert main(["convert", str(tmp_path / "p"), "--to", "peft", "-o", str(tmp_path / "p"), "--force"]) == 2  # never its input
+    assert_deltas(deltas_of(tmp_path / "p"), want)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("x")
     assert main(["convert", str(f), "--to", "peft", "-o", str(tmp_path / "other"), "--force"]) == 5

@@ -125,15 +125,15 @@ def check_pipeline_target(target: Path, *, force: bool, inputs: list[Path]) -> N
     from ..adapter import check_output_path
     from ..errors import OutputError
 
-    if not os.path.lexists(target):
-        check_output_path(target, force=force, inputs=inputs)
+    if not os.path.lexists(target) or not is_pipeline_folder(target):
+        check_output_path(target, force=force, inputs=inputs)  # PEFT's rules, in their words
         return
-    if any(Path(i).resolve() == target.resolve() or target.resolve() in Path(i).resolve().parents for i in inputs):
-        raise ParameterError(f"output {target} contains input; choose another output path")
+    t = target.resolve()
+    for i in inputs:
+        if t == Path(i).resolve() or t in Path(i).resolve().parents:
+            raise ParameterError(f"output {target} contains input {i}; replacing it would delete the input, choose another output path")
     if not force:
         raise OutputError(f"{target} already exists; pass --force (force=True) to replace it")
-    if not is_pipeline_folder(target):
-        check_output_path(target, force=force, inputs=inputs)  # an adapter folder, or refused in its words
 
 
 def write_peft_pipeline(adapter: Adapter, target: Path, comps: set, *, force: bool, dtype: torch.dtype, layout: dict,
