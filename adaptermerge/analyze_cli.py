@@ -401,7 +401,10 @@ def analyze(
         sys.stdout.flush()
         return
     console = _out
-    if not console.is_terminal:
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:  # read per command, like other tools
+        console = Console(soft_wrap=True, width=int(columns))
+    elif not console.is_terminal:
         console = Console(soft_wrap=True, width=220)
     render(result, console, top=top, sort=sort)
     if plot is not None:

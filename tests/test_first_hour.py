@@ -99,6 +99,18 @@ def test_analyze_keeps_module_names_whole_at_120_columns(tmp_path):
     assert shown == want  # every name whole (q_proj and v_proj apart), layers in numeric order
 
 
+def test_analyze_command_honours_columns(tmp_path, capsys, monkeypatch):
+    mods = {f"model.layers.{i}.self_attn.{p}": (64, 64) for i in (2, 10) for p in ("q_proj", "v_proj")}
+    paths = [write_adapter(tmp_path / n, mods, r=2, seed=s) for s, n in enumerate("abc")]
+    monkeypatch.setenv("COLUMNS", "120")
+    code, out, _ = cli(capsys, "analyze", *paths, "--sort", "name", "--top", "0", "--samples", "256")
+    assert code == 0
+    assert max(len(line) for line in out.splitlines()) <= 120
+    table = out.split("modules (by name")[1]
+    assert re.findall(r"^│ (\S+)\s", table, flags=re.M) == [
+        "layers.2.self_attn.q_proj", "layers.2.self_attn.v_proj", "layers.10.self_attn.q_proj", "layers.10.self_attn.v_proj"]
+
+
 # ------------------------------------------------------------------------------------------------ wording
 def test_cli_speaks_flags_and_api_speaks_keywords(tmp_path, capsys):
     a = write_adapter(tmp_path / "a", r=2)
