@@ -176,7 +176,7 @@ def render(result: dict[str, Any], console: Console, *, top: int, sort: str) -> 
     for i, inp in enumerate(result["inputs"]):
         t.add_row(inp["label"], inp["name"], str(inp["modules"]), ",".join(map(str, inp["ranks"])),
                   _f(overall["norm"][i], ".4g"), _f(overall["effective_rank_mean"][i], ".2f"))
-    console.print(t)
+    console.print(t, soft_wrap=False)  # tables fit the width; prose soft-wraps
 
     if n_pairs:
         t = Table(title="pairs (all modules)", title_justify="left")
@@ -188,7 +188,7 @@ def render(result: dict[str, Any], console: Console, *, top: int, sort: str) -> 
                       f"{_f(ov['left'][p])} / {_f(ov['right'][p])}")
         if len(labels) >= 3 and overall["conflict_all"]:
             t.add_row("all", "", _pct(overall["conflict_all"], True), "")
-        console.print(t)
+        console.print(t, soft_wrap=False)  # tables fit the width; prose soft-wraps
         console.print("energy of the sum / sum of energies: "
                       f"{_f(overall['energy_ratio'])} (1 = orthogonal deltas, > 1 reinforcing, < 1 cancelling)")
 
@@ -203,7 +203,7 @@ def render(result: dict[str, Any], console: Console, *, top: int, sort: str) -> 
         t.add_column("energy ratio", justify="right")
         for key, agg in groups.items():
             t.add_row(_short(key), str(agg["n_modules"]), *_pair_cells(agg, n_pairs, wide), _f(agg["energy_ratio"]))
-        console.print(t)
+        console.print(t, soft_wrap=False)  # tables fit the width; prose soft-wraps
 
     if not n_pairs and sort in ("conflict", "cosine"):
         sort = "norm"  # one input: nothing to compare, show the largest deltas first
@@ -216,7 +216,7 @@ def render(result: dict[str, Any], console: Console, *, top: int, sort: str) -> 
     # the module name is what the table is about: it keeps its full width (q_proj and v_proj must stay apart) and
     # the number columns wrap instead; on a terminal too narrow even for that it folds, never ends in "…"
     longest = max((len(_short(r["name"])) for r in shown), default=6)
-    t.add_column("module", min_width=min(longest, max(20, console.width // 2)), overflow="fold")
+    t.add_column("module", width=min(longest, max(20, console.width - 70)), overflow="fold")
     t.add_column("shape", justify="right")
     t.add_column("‖ΔW‖_F " + "/".join(labels), justify="right", overflow="fold")
     if n_pairs:
@@ -227,7 +227,7 @@ def render(result: dict[str, Any], console: Console, *, top: int, sort: str) -> 
         er = "/".join(_f(x, ".1f") for x in r["effective_rank"]) + f" → {_f(r['sum']['effective_rank'], '.1f')}"
         cells = _pair_cells(r, n_pairs, wide) if n_pairs else []
         t.add_row(_short(r["name"]), "x".join(map(str, r["shape"])), "/".join(_f(x, ".3g") for x in r["norm"]), *cells, er)
-    console.print(t)
+    console.print(t, soft_wrap=False)  # tables fit the width; prose soft-wraps
 
     pv = result.get("preview")
     if pv:
@@ -241,7 +241,7 @@ def render(result: dict[str, Any], console: Console, *, top: int, sort: str) -> 
         for i, lab in enumerate(labels):
             t.add_row(lab, _f(agg.get("projection", [None] * len(labels))[i]), _cos(agg.get("cosine", [None] * len(labels))[i]),
                       _f(agg.get("norm_ratio", [None] * len(labels))[i]))
-        console.print(t)
+        console.print(t, soft_wrap=False)  # tables fit the width; prose soft-wraps
         console.print("projection 1 = the merge keeps all of that input's delta, 0 = none of it (see docs/diagnostics.md)")
     for note in result["notes"]:
         console.print(f"note: {note}", highlight=False)

@@ -253,7 +253,7 @@ def _print_merge_summary(s: dict[str, Any]) -> None:
         t.add_column(col)
     for inp, w in zip(s["inputs"], s["weights"]):
         t.add_row(inp["name"], f"{w:g}", str(inp["modules"]), ",".join(map(str, inp["ranks"])), inp["dtype"])
-    err.print(t)
+    err.print(t, soft_wrap=False)
     ranks = sorted({m["rank"] for m in s["modules"].values()})
     err.print(
         f"{s['n_modules']} modules, output rank {','.join(map(str, ranks))}, dtype {s['output_dtype']}; "
@@ -298,12 +298,16 @@ def inspect(
         return
     _widen(out)
     t = Table(title=f"{path}  ({len(rows)} modules, sha256 {info['sha256'][:12]}…)")
+    longest = max((len(r["module"].removeprefix("base_model.model.")) for r in rows), default=6)
     for col in ("module", "kind", "shape", "rank", "alpha", "scale", "dtype", "‖ΔW‖_F"):
-        t.add_column(col, justify="right" if col not in ("module", "kind", "dtype") else "left")
+        if col == "module":  # whole names (q_proj vs v_proj), folded rather than cut on a very narrow terminal
+            t.add_column(col, width=min(longest, max(20, out.width - 60)), overflow="fold")
+        else:
+            t.add_column(col, justify="right" if col not in ("kind", "dtype") else "left", overflow="fold")
     for r in rows:
         t.add_row(r["module"].removeprefix("base_model.model."), r["kind"], "x".join(map(str, r["shape"])), str(r["rank"]),
                   f"{r['alpha']:g}", f"{r['scale']:.4g}", r["dtype"], f"{r['delta_norm']:.4g}")
-    out.print(t)
+    out.print(t, soft_wrap=False)
     out.print("config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
     if a.extras:
         out.print(f"non-LoRA tensors: {', '.join(sorted(a.extras))}")

@@ -94,6 +94,7 @@ def test_analyze_keeps_module_names_whole_at_120_columns(tmp_path):
     text = buf.getvalue()
     assert max(len(line) for line in text.splitlines()) <= 120
     table = text.split("modules (by name")[1]
+    assert all(line.rstrip()[-1] in "┓┃┩│┘" for line in table.splitlines()[1:] if line.strip())  # not cropped
     shown = re.findall(r"^│ (\S+)\s", table, flags=re.M)
     want = [n.removeprefix("model.") for n in sorted(mods, key=lambda n: (int(n.split(".")[2]), n))]
     assert shown == want  # every name whole (q_proj and v_proj apart), layers in numeric order
@@ -107,6 +108,7 @@ def test_analyze_command_honours_columns(tmp_path, capsys, monkeypatch):
     assert code == 0
     assert max(len(line) for line in out.splitlines() if line[:1] in "┏┃┡│└") <= 120  # tables fit; prose soft-wraps
     table = out.split("modules (by name")[1]
+    assert all(line.rstrip()[-1] in "┓┃┩│┘" for line in table.splitlines()[1:] if line.strip())  # not cropped
     assert re.findall(r"^│ (\S+)\s", table, flags=re.M) == [
         "layers.2.self_attn.q_proj", "layers.2.self_attn.v_proj", "layers.10.self_attn.q_proj", "layers.10.self_attn.v_proj"]
 
