@@ -92,7 +92,8 @@ def model_card(metadata: Mapping[str, str], config: Mapping[str, Any] | None) ->
     if params:
         out.append("Parameters: " + ", ".join(f"{k} = {_value(v)}" for k, v in sorted(params.items())) + ".")
     rank = settings.get("rank")
-    out.append("Output rank: " + ("full (an exact full-rank delta)" if rank == "full" else
+    out.append("Output rank: " + ("the sum of the input ranks (an exact concatenation)" if method and method.kind == "concat" else
+                                  "full (an exact full-rank delta)" if rank == "full" else
                                   f"{config.get('r', '?')} (the largest input rank)" if rank is None else str(rank))
                + (f"; seed {settings.get('seed', 0)}" if method and method.stochastic or settings.get("svd") else "")
                + (f"; back to low rank by a {settings['svd']} SVD" if settings.get("svd") else "")
