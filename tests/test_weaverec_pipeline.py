@@ -83,6 +83,8 @@ def test_report_has_every_row(finished_run):
     assert "WeaveRec - Target-only LoRA" in data["paired_differences"]
     md = (rdir / "report.md").read_text()
     assert "| WeaveRec |" in md and "Cold start" in md and "Inference cost" in md
+    assert "## Reading" in md and "![NDCG@10 by model](report.png)" in md
+    assert "load average" in md  # times in the report say under what load they were measured
     # losses in the log have 4 significant digits, not a float's 17
     train_lines = [line for line in finished_run[2] if line.startswith("train: ")]
     assert train_lines

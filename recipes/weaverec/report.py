@@ -112,7 +112,8 @@ def write_report(cfg: RunConfig, prep: Prepared, results: Mapping[str, dict], tr
         "training": training,
         "module_cosine": diag,
         "compute_seconds": round(compute_seconds, 1),
-        "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()},
+        "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "load_average": _load_average()},
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     _write_json(rdir / "report.json", report)
@@ -261,8 +262,19 @@ def _markdown(report: dict, metric_names: list[str], key_metric: str, *, chart: 
             fl = t.get("final_loss")
             out.append(f"| {n} | {t.get('n_samples')} | {t.get('steps')} | {fl if fl is None else f'{fl:.3f}'} | {t.get('seconds') or 0:.0f} |")
         out.append("")
-    out.append(f"Compute time recorded for training and evaluation: {report['compute_seconds']:.0f} s.")
+    load = (report.get("machine") or {}).get("load_average")
+    where = (f" The machine's load average was {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min, "
+             f"{report['machine'].get('cpus')} CPUs) when the report was written: the times above grow with it."
+             if load else "")
+    out.append(f"Compute time recorded for training and evaluation: {report['compute_seconds']:.0f} s.{where}")
     return "\n".join(out) + "\n"
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):  # not on every platform
+        return None
 
 
 def _bar_chart(report: dict, metric: str, path: Path) -> bool:
