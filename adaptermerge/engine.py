@@ -232,7 +232,7 @@ def _check_overlap(adapters: Sequence[Adapter], method: Method, params: Mapping[
               if method.name == "linear" and params.get("normalize") else "")
     if len(alone) == len(adapters):
         sizes = ", ".join(f"{a.name}: {len(a.modules)}" for a in adapters)
-        first = [next(iter(sorted(a.modules)), "-") for a in adapters[:2]]
+        first = [next(iter(sorted(a.modules)), "-").removeprefix("base_model.model.") for a in adapters[:2]]
         raise IncompatibleInputsError(
             f"the inputs have no module in common (modules per input: {sizes}; e.g. '{first[0]}' only in "
             f"{adapters[0].name}, '{first[1]}' only in {adapters[1].name}), so there is nothing to merge: each output "
