@@ -85,8 +85,8 @@ def load(path: str | os.PathLike, *, format: str | None = None, base: str | os.P
     p = Path(path)
     if format is not None and format not in INPUT_FORMATS:
         raise ParameterError(f"--format must be one of {', '.join(INPUT_FORMATS)}, got {format!r}")
-    if not os.path.lexists(p):
-        raise InputError(f"{p}: no such file or directory")
+    if not os.path.lexists(p):  # a Hugging Face Hub id in the local cache (PEFT), or the PEFT reader's own error
+        return _as_peft(load_adapter(p, alpha=alpha, rank=rank, require_alpha=require_alpha), "a Hugging Face Hub id in the local cache")
     try:
         fmt, why = (format, "--format") if format else detect(p)
     except OSError:  # e.g. a folder without search permission: the PEFT reader reports it in its own words
@@ -97,12 +97,7 @@ def load(path: str | os.PathLike, *, format: str | None = None, base: str | os.P
     if fmt == "peft" and _has_conv_factors(p):
         return _load_peft_conv(p, why, alpha=alpha)
     if fmt == "peft":
-        a = load_adapter(p, alpha=alpha, rank=rank, require_alpha=require_alpha)
-        a.format = "peft"
-        a.layout = {}
-        a.coverage = Coverage("peft", why, recognised=2 * len(a.modules))
-        a.coverage.kinds = {"lora": len(a.modules)}
-        return a
+        return _as_peft(load_adapter(p, alpha=alpha, rank=rank, require_alpha=require_alpha), why)
     if fmt == "gguf":
         from .gguf_io import load_gguf
 
@@ -114,6 +109,13 @@ def load(path: str | os.PathLike, *, format: str | None = None, base: str | os.P
     a = load_safetensors_format(p, read_header(p), fmt, why, base=b, ignore_unknown=ignore_unknown)
     if alpha is not None or rank is not None:
         a.notes.append(f"--alpha/--rank not used: {fmt} files carry their scale per module")
+    return a
+
+
+def _as_peft(a: Adapter, why: str) -> Adapter:
+    a.format = "peft"
+    a.layout = {}
+    a.coverage = Coverage("peft", why, recognised=2 * len(a.modules), kinds={"lora": len(a.modules)})
     return a
 
 
@@ -219,7 +221,8 @@ def align(adapters: Sequence[Adapter]) -> list[Adapter]:
     Inputs that already share a naming are returned unchanged. Otherwise PEFT-rooted names
     (``base_model.model.X``) and single-component pipeline names (``unet.X``) are mapped onto each other; a module
     that cannot be placed in the first input's naming, or (for inputs of another format than the first) that has no
-    counterpart in the first input, is a one-line error naming it.
+    counterpart in the first input, is a one-line error naming it. (Inputs sharing no module at all are left to the
+    engine's overlap check, which ``allow_disjoint`` relaxes.)
     """
     ads = list(adapters)
     if len(ads) < 2:
@@ -251,12 +254,7 @@ def align(adapters: Sequence[Adapter]) -> list[Adapter]:
                     f"(looked for '{new}'); inputs of different formats must adapt the same modules")
             mapping[name] = new
         out.append(a if all(k == v for k, v in mapping.items()) else renamed(a, mapping, f"module names mapped to the naming of {ads[0].name}"))
-    for i, a in enumerate(out):
-        others = set().union(*(b.modules for j, b in enumerate(out) if j != i))
-        if not set(a.modules) & others:
-            raise IncompatibleInputsError(f"{a.name} shares no module with the other inputs (e.g. '{next(iter(a.modules))}'): "
-                                          f"different base models, or a name mapping that failed")
-    merged_layout(out)  # checks that conv kernels agree
+    merged_layout(out)  # checks that conv kernels agree (inputs sharing no module: the engine's overlap check)
     return out
 
 
