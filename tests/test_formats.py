@@ -546,3 +546,18 @@ def test_loha_rank_capped_at_full_rank_exactly(tmp_path):
     b_, a_ = a.factors(m.name)
     assert m.rank == 6 and a_.shape[0] == 6 and b_.shape == (6, 6)
     torch.testing.assert_close(a.delta(m.name), (w1a @ w1b) * (w2a @ w2b), rtol=1e-5, atol=1e-5)
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    from adaptermerge.safetensors_io import current_umask
+
+    f = tmp_path / "k.safetensors"
+    kohya_file(f)
+    src = write_adapter(tmp_path / "p")
+    assert main(["convert", str(f), "--to", "peft", "-o", str(tmp_path / "pipe")]) == 0
+    assert main(["convert", str(src), "--to", "gguf", "--gguf-arch", "qwen2", "-o", str(tmp_path / "a.gguf")]) == 0
+    assert main(["convert", str(f), "--to", "kohya", "-o", str(tmp_path / "k2.safetensors")]) == 0
+    um = current_umask()
+    assert (tmp_path / "pipe").stat().st_mode & 0o777 == 0o777 & ~um
+    for out in (tmp_path / "a.gguf", tmp_path / "k2.safetensors"):
+        assert out.stat().st_mode & 0o777 == 0o666 & ~um, out

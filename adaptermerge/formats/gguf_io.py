@@ -24,7 +24,7 @@ import torch
 
 from ..adapter import Adapter, LoraModule, check_output_path
 from ..errors import InputError, OutputError, ParameterError
-from ..safetensors_io import temp_prefix
+from ..safetensors_io import apply_umask, temp_prefix
 from . import names as N
 from .sinks import _refuse_extras
 from .source import Coverage, FormatAdapter
@@ -206,6 +206,7 @@ def write_gguf(adapter: Adapter, target: Path, *, force: bool, arch: str | None,
         raise ParameterError("GGUF output supports --dtype float32 or float16")
     check_file_output(target, force=force, inputs=inputs)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=".gguf", dir=target.parent)
+    apply_umask(fd)  # mkstemp makes 0600; the output is an ordinary file
     os.close(fd)
     try:
         w = gguf.GGUFWriter(tmp, arch)

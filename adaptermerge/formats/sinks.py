@@ -144,7 +144,7 @@ def write_peft_pipeline(adapter: Adapter, target: Path, comps: set, *, force: bo
     import tempfile
 
     from ..adapter import _fsync_dir, _replace_dir
-    from ..safetensors_io import temp_prefix
+    from ..safetensors_io import apply_umask, temp_prefix
     from .source import renamed
 
     if None in comps:
@@ -155,6 +155,7 @@ def write_peft_pipeline(adapter: Adapter, target: Path, comps: set, *, force: bo
     check_pipeline_target(target, force=force, inputs=inputs)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=target.parent))
+    apply_umask(tmp, directory=True)  # mkdtemp makes 0700; the output is an ordinary folder
     reports = {}
     try:
         for comp in sorted(comps):
