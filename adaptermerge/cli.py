@@ -23,11 +23,12 @@ try:  # typer >= 0.16 vendors its own copy of click; its exceptions are the ones
 except ImportError:  # pragma: no cover - older typer on the real click
     from click import exceptions as click_exc
 from rich.console import Console
+from rich.box import ROUNDED as ROUNDED_BOX
 from rich.markup import escape as rich_escape
 from rich.table import Table
 from rich.text import Text
 
-from .errors import AdapterMergeError, InputError, OutputError, ParameterError, printable, shorten
+from .errors import AdapterMergeError, InputError, OutputError, ParameterError, cli_wording, printable, shorten
 
 app = typer.Typer(
     name="adaptermerge",
@@ -42,7 +43,7 @@ err = Console(stderr=True, soft_wrap=True)
 
 CONFIG_KEYS = {
     "inputs", "method", "weights", "params", "rank", "seed", "svd", "svd_niter", "svd_oversample", "dtype",
-    "output", "force", "extra_tensors", "allow_nonfinite", "alpha",
+    "output", "force", "extra_tensors", "allow_nonfinite", "allow_disjoint", "alpha",
 }
 INPUT_KEYS = {"path", "weight", "density", "alpha"}
 
@@ -157,6 +158,7 @@ def _check_config_types(cfg: dict[str, Any], path: Path) -> None:
         "extra_tensors": ("a string", lambda v: isinstance(v, str)),
         "force": ("true or false", lambda v: isinstance(v, bool)),
         "allow_nonfinite": ("true or false", lambda v: isinstance(v, bool)),
+        "allow_disjoint": ("true or false", lambda v: isinstance(v, bool)),
         "seed": ("an integer", _is_int),
         "svd_niter": ("an integer", _is_int),
         "svd_oversample": ("an integer", _is_int),
@@ -266,8 +268,12 @@ def print_json(obj: Any, done: str = "", indent: int | None = 2) -> None:
 
 
 def _widen(console: Console) -> None:
-    """Piped or captured output: do not squeeze tables to 80 columns."""
-    if not console.is_terminal:
+    """Fit the terminal: $COLUMNS when set (read at each command, like other tools), else the terminal's width;
+    piped or captured output without $COLUMNS is not squeezed to 80 columns."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        console.width = int(columns)
+    elif not console.is_terminal:
         console.width = 200
 
 
@@ -316,19 +322,27 @@ def merge(
     alpha: Optional[float] = typer.Option(None, help="lora_alpha for bare .safetensors inputs without it in their metadata."),
     extra_tensors: Optional[str] = typer.Option(None, help="Non-LoRA tensors (modules_to_save, ...): identical (default: copy only if identical in all inputs, else error) or first (copy from the first input)."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge inputs that contain NaN/Inf instead of refusing them."),
+    allow_disjoint: bool = typer.Option(False, "--allow-disjoint", help="Accept an input that shares no module with the others (refused by default: usually adapters of different models)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing output."),
+    to: Optional[str] = typer.Option(None, "--to", help="Output format: peft, kohya, diffusers or gguf (default: from the output name; a .safetensors output of kohya/diffusers inputs keeps their format)."),
+    for_: Optional[str] = typer.Option(None, "--for", help="Export profile: vllm (PEFT, one rank from vLLM's accepted set, scale folded) or llama.cpp (GGUF)."),
+    in_format: Optional[str] = typer.Option(None, "--format", help="Force the input format (peft, kohya, lycoris, diffusers, gguf) instead of detecting it."),
+    base_model: Optional[Path] = typer.Option(None, "--base", help="Base model (safetensors file, index, or model/pipeline folder): module names for kohya inputs, head counts for GGUF."),
+    ignore_unknown: bool = typer.Option(False, "--ignore-unknown", help="Load inputs with unrecognised keys (they are listed) instead of refusing them."),
+    gguf_arch: Optional[str] = typer.Option(None, "--gguf-arch", help="general.architecture of a GGUF output (default: the input's, else llama)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML/TOML/JSON file with the same options (inputs with per-input weight/density/alpha, method, params, ...). Command-line options override it."),
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table."),
 ) -> None:
     """Merge LoRA adapters into one LoRA adapter (a PEFT directory, or one .safetensors file).
 
-    Element-wise methods act on each module's delta scale*B@A (never on A and B separately) and are truncated
-    back to low rank with a seeded randomized SVD; linear methods are merged exactly in low-rank form.
+    Element-wise methods act on each module's delta scale*B@A (never on A and B separately) and are truncated back to low rank with a seeded randomized SVD; linear methods are merged exactly in low-rank form.
+
+    A folder output also gets a README.md that tells in words what was merged, how, and how faithful the result is. Inputs that share no module with the others are refused unless --allow-disjoint.
 
     Example: adaptermerge merge a/ b/ c.safetensors --method ties --weights 0.5,0.3,0.2 --density 0.5 --rank 16 -o merged/
-    """
-    from .adapter import check_output_path, load_adapter
+    """  # help paragraphs are one line each: the help renderer keeps line breaks, so a wrapped source line would break mid-sentence
+    from . import formats_cli
     from .engine import merge_to, retain_freed_memory, validate_options
 
     cfg: dict[str, Any] = load_config_file(config) if config else {}
@@ -363,24 +377,36 @@ def merge(
     if target is None:
         raise ParameterError("no output: pass -o/--output (a directory, or a file ending in .safetensors)")
     force = force or bool(cfg.get("force", False))
-    check_output_path(target, force=force, inputs=[Path(p) for p in paths])
-    # 2. headers of every input (no tensor data yet)
+    fmt_opts = formats_cli.FormatOptions(to, for_, in_format, base_model, ignore_unknown, gguf_arch)
+    fmt_opts.check_output(target, force=force, inputs=[Path(p) for p in paths])
+    # 2. headers of every input (no tensor data yet), in any format, mapped to one module naming
     default_alpha = alpha if alpha is not None else cfg.get("alpha")
     alphas = [(cfg_alphas[i] if i < len(cfg_alphas) and cfg_alphas[i] is not None else default_alpha) for i in range(len(paths))]
-    adapters = [load_adapter(p, alpha=a) if os.path.isfile(p) else load_adapter(p) for p, a in zip(paths, alphas)]
-    # 3. merge, streaming to a temporary output renamed into place at the end
+    adapters = fmt_opts.load_inputs(paths, alphas)
+    # 3. merge, streaming to a temporary output renamed into place at the end (other formats: through a sink)
     retain_freed_memory()  # this process ends after the merge: reuse freed deltas instead of faulting pages in
+    disjoint = allow_disjoint or cfg.get("allow_disjoint") is True
     bar, update = _progress_bar(not (quiet or json_out))
+    nonfinite = allow_nonfinite or cfg.get("allow_nonfinite") is True
+
+    def run(progress):
+        if fmt_opts.needs_sink(target, adapters):
+            return fmt_opts.merge_and_save(target, adapters, method_name, w, force=force, allow_nonfinite=nonfinite, allow_disjoint=disjoint, progress=progress, **opts, **params)
+        return merge_to(target, adapters, method_name, w, force=force, allow_nonfinite=nonfinite, allow_disjoint=disjoint, progress=progress, **opts, **params)
+
     if bar is not None:
         with bar:
-            summary = merge_to(target, adapters, method_name, w, force=force, allow_nonfinite=allow_nonfinite or bool(cfg.get("allow_nonfinite")), progress=update, **opts, **params)
+            summary = run(update)
     else:
-        summary = merge_to(target, adapters, method_name, w, force=force, allow_nonfinite=allow_nonfinite or bool(cfg.get("allow_nonfinite")), **opts, **params)
+        summary = run(None)
     summary["output"] = str(target)
+    formats_cli.add_input_reports(summary, adapters)
     if json_out:
         print_json(summary, done=f" (the merged adapter was written to {target})")
     elif not quiet:
         _print_merge_summary(summary)
+        for note in summary.get("output_notes", []):
+            err.print(plain(f"note: {note}"), highlight=False)
 
 
 def _print_merge_summary(s: dict[str, Any]) -> None:
@@ -391,7 +417,7 @@ def _print_merge_summary(s: dict[str, Any]) -> None:
     for inp, w in zip(s["inputs"], s["weights"]):
         t.add_row(plain(inp["name"]), f"{w:g}", str(inp["modules"]), ",".join(map(str, inp["ranks"])), plain(inp["dtype"]))
     say = lambda text: err.print(plain(text), highlight=False)  # noqa: E731
-    err.print(t)
+    err.print(t, soft_wrap=False)
     ranks = sorted({m["rank"] for m in s["modules"].values()})
     say(
         f"{s['n_modules']} modules, output rank {','.join(map(str, ranks))}, dtype {s['output_dtype']}; "
@@ -410,19 +436,23 @@ def _print_merge_summary(s: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------ inspect
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="A PEFT adapter directory or a .safetensors file."),
+    path: Path = typer.Argument(..., help="A LoRA: PEFT adapter directory, or a PEFT/kohya/LyCORIS/diffusers .safetensors or GGUF file."),
     alpha: Optional[float] = typer.Option(None, help="lora_alpha for a bare .safetensors file without it in its metadata."),
+    in_format: Optional[str] = typer.Option(None, "--format", help="Force the format (peft, kohya, lycoris, diffusers, gguf) instead of detecting it."),
+    base_model: Optional[Path] = typer.Option(None, "--base", help="Base model (safetensors file, index, or model/pipeline folder): module names for kohya files, head counts for GGUF."),
+    ignore_unknown: bool = typer.Option(False, "--ignore-unknown", help="Open a file with unrecognised keys (they are listed) instead of refusing it."),
     json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON on stdout."),
 ) -> None:
-    """Show an adapter's modules, shapes, ranks, alpha/scaling, dtype, delta norms and provenance."""
-    from .adapter import load_adapter
+    """Show a LoRA's format (detected), modules, shapes, ranks, alpha/scale per module, dtype, delta norms, key
+    coverage and provenance."""
+    from . import formats
     from .lowrank import delta_norm
     from .safetensors_io import gib, memory_limit_bytes
 
-    a = load_adapter(path, alpha=alpha, require_alpha=False)
+    a = formats.load(path, alpha=alpha, require_alpha=False, format=in_format, base=base_model, ignore_unknown=ignore_unknown)
     rows = []
     limit = memory_limit_bytes()
-    for m in a.modules.values():
+    for m in sorted(a.modules.values(), key=lambda m: natural_key(m.name)):  # layers 0, 1, 2, ..., 10, not 0, 1, 10
         # the factors as read, scaled float32 copies, and delta_norm's float64 copies: checked before reading
         need = (m.out_features + m.in_features) * m.rank * ({"F64": 8, "F32": 4}.get(m.dtype, 2) + 4 + 16)
         if need > limit:
@@ -437,11 +467,13 @@ def inspect(
         rows.append({
             "module": m.name, "kind": m.kind, "shape": list(m.shape), "rank": m.rank, "alpha": m.alpha,
             "scale": m.scale, "dtype": m.dtype, "delta_norm": norm,
+            "kernel": list(a.layout[m.name]) if m.name in a.layout else None,
         })
     info = {
         "path": str(path), "weights_file": str(a.weights_file), "sha256": a.sha256(), "n_modules": len(rows),
         "config": {k: a.config.get(k) for k in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "base_model_name_or_path") if k in a.config},
         "extra_tensors": sorted(a.extras), "provenance": a.metadata, "notes": a.notes, "modules": rows,
+        "format": a.coverage.as_dict(),
     }
     if json_out:
         print_json(info)
@@ -449,21 +481,64 @@ def inspect(
     _widen(out)
     # everything that comes from the file is plain text (plain()), never markup, never raw control characters
     t = Table(title=plain(f"{path}  ({len(rows)} modules, sha256 {info['sha256'][:12]}…)"))
+    longest = max((len(r["module"].removeprefix("base_model.model.")) for r in rows), default=6)
     for col in ("module", "kind", "shape", "rank", "alpha", "scale", "dtype", "‖ΔW‖_F"):
-        t.add_column(col, justify="right" if col not in ("module", "kind", "dtype") else "left")
+        if col == "module":  # whole names (q_proj vs v_proj), folded rather than cut on a very narrow terminal
+            t.add_column(col, width=min(longest, max(20, out.width - 60)), overflow="fold")
+        else:
+            t.add_column(col, justify="right" if col not in ("kind", "dtype") else "left", overflow="fold")
     for r in rows:
-        t.add_row(plain(r["module"].removeprefix("base_model.model.")), r["kind"], "x".join(map(str, r["shape"])), str(r["rank"]),
+        t.add_row(plain(r["module"].removeprefix("base_model.model.")), r["kind"] if not r["kernel"] else "conv{}x{}".format(*r["kernel"]), "x".join(map(str, r["shape"])), str(r["rank"]),
                   f"{r['alpha']:g}", f"{r['scale']:.4g}", r["dtype"], f"{r['delta_norm']:.4g}")
     with stdout_guard():
-        out.print(t)
+        out.print(t, soft_wrap=False)
         say = lambda text: out.print(plain(text), highlight=False)  # noqa: E731
+        cov = info["format"]
+        say(f"format: {cov['format']} (detected by {cov['detected_by']}); module names: {cov['mapping']}; "
+            f"keys: {cov['recognised_keys']} recognised, {len(cov['unrecognised_keys'])} not")
         say("config: " + ", ".join(f"{k}={shorten(v, 300) if not isinstance(v, str) else v[:300]}" for k, v in info["config"].items()))
         if a.extras:
             say(f"non-LoRA tensors: {', '.join(sorted(a.extras))}")
         for k, v in sorted(a.metadata.items()):
             say(f"metadata {k}: {v if len(v) < 300 else v[:300] + '…'}")
         for n in a.notes:
-            say(f"note: {n}")
+            if not n.startswith("format "):  # (shown in the format line above)
+                say(f"note: {n}")
+
+# ------------------------------------------------------------------------------------------------ convert
+@app.command()
+def convert(
+    path: Path = typer.Argument(..., help="A LoRA in any supported format (PEFT folder/file, kohya, LyCORIS, diffusers, GGUF)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output: a folder (PEFT) or a file (.safetensors, .gguf)."),
+    to: Optional[str] = typer.Option(None, "--to", help="peft, kohya, diffusers or gguf (default: from the output name)."),
+    for_: Optional[str] = typer.Option(None, "--for", help="Export profile: vllm or llama.cpp."),
+    in_format: Optional[str] = typer.Option(None, "--format", help="Force the input format instead of detecting it."),
+    base_model: Optional[Path] = typer.Option(None, "--base", help="Base model (safetensors file, index, or model/pipeline folder): module names for kohya files, head counts for GGUF."),
+    ignore_unknown: bool = typer.Option(False, "--ignore-unknown", help="Convert a file with unrecognised keys (they are listed and dropped) instead of refusing it."),
+    gguf_arch: Optional[str] = typer.Option(None, "--gguf-arch", help="general.architecture of a GGUF output (default: the input's, else llama)."),
+    dtype: Optional[str] = typer.Option(None, help="Output dtype: float32, bfloat16 or float16 (default: the input's)."),
+    alpha: Optional[float] = typer.Option(None, help="lora_alpha for a bare PEFT .safetensors input without it in its metadata."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing output."),
+    json_out: bool = typer.Option(False, "--json", help="Print a machine-readable report on stdout."),
+) -> None:
+    """Convert a LoRA between formats; the written file applies exactly the same delta (scale folded into the factors).
+
+    Example: adaptermerge convert lora.safetensors --to peft -o adapter/
+    """
+    from . import formats_cli
+
+    report = formats_cli.convert(path, output, to=to, profile=for_, in_format=in_format, base=base_model,
+                                 ignore_unknown=ignore_unknown, gguf_arch=gguf_arch, dtype=dtype, alpha=alpha, force=force)
+    if json_out:
+        print_json(report, done=f" (the converted LoRA was written to {output})")
+        return
+    cov = report["input"]
+    say = lambda text: err.print(plain(text), highlight=False)  # noqa: E731  (file-derived text: never markup)
+    say(f"{path}: format {cov['format']} (detected by {cov['detected_by']}); module names: {cov['mapping']}; "
+        f"{cov['recognised_keys']} keys recognised, {len(cov['unrecognised_keys'])} not")
+    for n in report["notes"]:
+        say(f"note: {n}")
+    say(f"wrote {report['output']['format']} -> {output} ({report['modules']} modules)")
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -477,21 +552,38 @@ def methods(json_out: bool = typer.Option(False, "--json", help="Print machine-r
         print_json(info)
         return
     _widen(out)
-    t = Table(show_lines=True)
-    for col in ("method", "kind", "parameters", "reference"):
-        t.add_column(col)
+    with stdout_guard():
+        render_methods(info, out)
+
+
+def render_methods(info: list[dict[str, Any]], console: Console) -> None:
+    """The methods as a two-column table that fits ``console.width`` (>= 60 columns): the name and kind on the left;
+    on the right what the method does, its parameters one per line, and its paper with the link on a line of its
+    own. Text wraps at spaces and long words fold, so nothing is cut off with an ellipsis."""
+    from rich.markup import escape
+    from rich.text import Text
+
+    name_width = max(len(m["name"]) for m in info) if info else 6
+    width = min(console.width, 120)
+    t = Table(show_lines=True, width=width, box=None if width < 60 else ROUNDED_BOX, padding=(0, 1))
+    t.add_column("method", no_wrap=True, min_width=name_width, max_width=name_width)
+    t.add_column("what it does · parameters (default, allowed) · paper", overflow="fold", ratio=1)
     for m in info:
-        ps = []
+        lines = [escape(m["summary"])]
         for p in m["params"]:
             rng = p.get("choices") or p.get("range")
-            ps.append(f"{p['name']}={p['default']!r}" + (f" {rng}" if rng else "") + (" (per input)" if p.get("per_input") else ""))
-        t.add_row(f"[bold]{m['name']}[/]\n{m['summary']}", m["kind"], "\n".join(ps) or "-", m["paper"])
-    with stdout_guard():
-        out.print(t)
+            lines.append(f"  [cyan]{escape(p['name'])}[/]={escape(repr(p['default']))}" + (f" {escape(str(rng))}" if rng else "")
+                         + (" (one per input allowed)" if p.get("per_input") else ""))
+        paper, _, url = m["paper"].rpartition(", http")
+        lines.append(f"[dim]{escape(paper) if url else escape(m['paper'])}[/]")
+        if url:
+            lines.append(f"[dim]http{escape(url)}[/]")
+        t.add_row(Text.assemble((m["name"], "bold"), "\n", (m["kind"], "dim")), "\n".join(lines))
+    console.print(t, soft_wrap=False)
 
 
 # ------------------------------------------------------------------------------------------------ analyze
-from .analyze_cli import analyze as _analyze  # noqa: E402  (typer/rich/stdlib only at import time)
+from .analyze_cli import analyze as _analyze, natural_key  # noqa: E402  (typer/rich/stdlib only at import time)
 
 app.command(name="analyze")(_analyze)
 
@@ -528,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     _load_plugins()
     cmd = typer.main.get_command(app)
     try:
-        rv = cmd.main(args=argv, prog_name="adaptermerge", standalone_mode=False)
+        with cli_wording():  # messages name options as flags (--force), not keyword arguments (force=True)
+            rv = cmd.main(args=argv, prog_name="adaptermerge", standalone_mode=False)
     except AdapterMergeError as e:
         _error_line(str(e))
         return e.exit_code

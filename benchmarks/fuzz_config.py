@@ -284,7 +284,13 @@ def _yaml_scalar(v: Any) -> str:
     if v is None:
         return "null"
     if isinstance(v, float):
-        return ".nan" if v != v else ".inf" if v == float("inf") else "-.inf" if v == float("-inf") else repr(v)
+        if v != v or v in (float("inf"), float("-inf")):
+            return ".nan" if v != v else ".inf" if v > 0 else "-.inf"
+        text = repr(v)
+        mant, e, exp = text.partition("e")
+        if "." not in mant:  # YAML 1.1 (PyYAML) reads "1e-320" as a string: a float needs a dot
+            mant += ".0"
+        return mant + (e + exp if e else "")
     if isinstance(v, int):
         return str(v)
     return json.dumps(v)  # a JSON string is a YAML double-quoted scalar (escapes included)

@@ -411,7 +411,7 @@ def test_an_output_that_appears_during_the_merge_is_not_replaced(tmp_path, capsy
     code, _, err = cli(capsys, "merge", a, "-o", out)
     msg = one_line(err)
     assert code == 5, err
-    assert msg == f"error: {out} appeared while this merge ran (another merge?); not replacing it: pass --force (force=True) to replace it"
+    assert msg == f"error: {out} appeared while this merge ran (another merge?); not replacing it: pass --force to replace it"
     assert snapshot(out.parent) == other["bytes"]  # the other merge's output, intact
     assert temps(tmp_path) == []
     if output == "out":
@@ -541,9 +541,9 @@ def test_symlink_loops_are_clean_errors(tmp_path, capsys):
     (tmp_path / "wloop" / "adapter_config.json").write_text('{"r": 2, "lora_alpha": 4}')
     before = tree(tmp_path)
     for argv, code_want, pattern in (
-        (["merge", loop, "-o", tmp_path / "o"], 3, rf"{re.escape(str(loop))}: a symbolic link that cannot be followed"),
+        (["merge", loop, "-o", tmp_path / "o"], 3, rf"{re.escape(str(loop))}: (a symbolic link that cannot be followed|cannot open: Too many levels of symbolic links)"),
         (["merge", tmp_path / "wloop", "-o", tmp_path / "o"], 3, r"adapter_model\.safetensors: cannot open: Too many levels of symbolic links"),
-        (["inspect", loop], 3, r"a symbolic link that cannot be followed"),
+        (["inspect", loop], 3, r"a symbolic link that cannot be followed|cannot open: Too many levels of symbolic links"),
         (["merge", a, "-o", loop], 5, rf"{re.escape(str(loop))} already exists"),
         (["merge", a, "-o", loop, "--force"], 5, r"cannot examine the existing output: Too many levels of symbolic links"),
         (["merge", a, "-o", loop / "sub", "--force"], 5, r"cannot create output folder|is a file, not a folder|Too many levels"),
