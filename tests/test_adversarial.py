@@ -701,3 +701,14 @@ def test_config_fuzzer_runs_clean(tmp_path):
     assert summary["iterations"] == 40
     assert summary["findings"] == {}, summary["findings"]
     assert sum(summary["outcomes"].values()) == 40 and len(summary["outcomes"]) >= 3  # several outcomes exercised
+
+
+def test_single_file_format_outputs_refuse_special_files(tmp_path, alarm):
+    """GGUF / kohya / diffusers single-file outputs go through their own check: a FIFO there is refused too."""
+    from adaptermerge.formats.gguf_io import check_file_output
+
+    fifo = tmp_path / "out.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(am.OutputError, match=r"out\.gguf is a FIFO, not a regular file or an adapter directory"):
+        check_file_output(fifo, force=True, inputs=[], create_parent=False)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
