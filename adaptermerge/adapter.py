@@ -352,7 +352,11 @@ def _resolve_hub_id(p: Path, notes: list[str]) -> Path:
     """A path that does not exist but reads like a Hugging Face Hub id ("org/name"): the local cache's snapshot
     when there is one (with a note), else a one-line error saying that inputs are local and how to get one."""
     text = str(p)
-    if p.exists() or not _HUB_ID.fullmatch(text) or text.endswith(".safetensors"):
+    try:
+        exists = p.exists()
+    except OSError:  # a name too long, or no permission to look: not a Hub id; the loader says what is wrong
+        return p
+    if exists or not _HUB_ID.fullmatch(text) or text.endswith(".safetensors"):
         return p
     found = _hub_snapshot(text)
     if found is not None:

@@ -712,3 +712,13 @@ def test_single_file_format_outputs_refuse_special_files(tmp_path, alarm):
     with pytest.raises(am.OutputError, match=r"out\.gguf is a FIFO, not a regular file or an adapter directory"):
         check_file_output(fifo, force=True, inputs=[], create_parent=False)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_input_path_too_long_is_a_clean_error(tmp_path, capsys):
+    """A 1 MB path (found by the recipe fuzzer: the Hub-id check's exists() raised ENAMETOOLONG)."""
+    long = tmp_path / ("y" * 300)
+    for argv in (["merge", long, "-o", tmp_path / "o"], ["inspect", long], ["merge", tmp_path / ("y" * 1_000_000), "-o", tmp_path / "o"]):
+        code, _, err = cli(capsys, *argv)
+        assert code == 3, err[:300]
+        assert "File name too long" in one_line(err) and len(one_line(err)) <= 4100
+    assert not (tmp_path / "o").exists()
