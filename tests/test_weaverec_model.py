@@ -21,8 +21,8 @@ from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from adaptermerge.errors import InputError, OutputError, ParameterError  # noqa: E402
-from weaverec import llm as llm_mod  # noqa: E402
-from weaverec import train as train_mod  # noqa: E402
+from recipe_common import llm as llm_mod  # noqa: E402
+from recipe_common import train as train_mod  # noqa: E402
 from weaverec.model import (  # noqa: E402
     ALL_PROJECTIONS,
     LoraTrainConfig,

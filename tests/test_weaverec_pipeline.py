@@ -14,7 +14,7 @@ import torch
 
 from conftest import read_deltas
 from weaverec.config import config_from_dict, load_config
-from weaverec.llm import tiny_llama
+from recipe_common.llm import tiny_llama
 from weaverec.pipeline import run
 
 GENRES = {"books": ["Novel", "Atlas", "Poems", "Essays"], "games": ["Quest", "Racer", "Puzzle"], "music": ["Album", "Single", "Live"]}

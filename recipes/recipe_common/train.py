@@ -1,11 +1,12 @@
-"""LoRA fine-tuning of the base LLM on WeaveRec instruction samples.
+"""LoRA fine-tuning of a causal LM on tokenised (prompt, answer) examples, shared by the recipes.
 
-One function, :func:`train_lora`, trains one LoRA module (target-only, hybrid target+source, or pooled data: the
-caller chooses the samples) and saves it as an ordinary PEFT adapter directory.
+:func:`train_lora_encoded` trains one LoRA adapter on :class:`EncodedExample` rows (prompt + answer token ids, loss
+on the answer only) and saves it as an ordinary PEFT adapter directory. The recipes turn their own data into
+EncodedExamples (WeaveRec: :func:`weaverec.train.train_lora`; task merging: ``taskmerge.pipeline``).
 
-* Loss: next-token NLL on the answer tokens only (answer title + end-of-turn token), averaged over all answer
-  tokens of an optimizer step (across micro-batches and processes), so results do not depend on how a step is
-  split into micro-batches or devices.
+* Loss: next-token NLL on the answer tokens only (answer + end-of-turn token), averaged over all answer tokens of an
+  optimizer step (across micro-batches and processes), so results do not depend on how a step is split into
+  micro-batches or devices.
 * Batches: each epoch, a seeded permutation is cut into windows, each window sorted by length and cut into
   micro-batches, and the micro-batch order shuffled (seeded). Rows are left-padded; logits are computed only for
   the answer positions (``logits_to_keep``), which saves most of the LM-head cost and memory.
@@ -16,7 +17,7 @@ caller chooses the samples) and saves it as an ordinary PEFT adapter directory.
   filesystem the global main process writes and all callers read.
 * Output (written to a hidden temporary sibling, then renamed): ``adapter_model.safetensors``,
   ``adapter_config.json`` (PEFT) and ``train_log.json`` (config, data fingerprint, loss curve, timing). If
-  ``out_dir`` already holds a finished adapter trained with the same config and samples, it is returned without
+  ``out_dir`` already holds a finished adapter trained with the same config and data, it is returned without
   training; a finished adapter with another config or data is an error (nothing is overwritten).
 * Threads: torch's thread count is left to the caller (``OMP_NUM_THREADS`` / ``torch.set_num_threads``); it is
   recorded in ``train_log.json``.
@@ -29,10 +30,11 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,9 +42,8 @@ import torch
 from adaptermerge.errors import InputError, OutputError, ParameterError
 
 from .llm import _versions, atomic_dir_write, count_parameters, load_tokenizer, torch_dtype
-from .prompts import IGNORE_INDEX, TASKS, EncodedExample, PromptConfig, PromptEncoder
-from .scoring import progress_bar
-from .types import Sample
+from .scoring import _decoder, _layer_slice, _pad_left, position_ids_from_mask, progress_bar
+from .types import IGNORE_INDEX, EncodedExample
 
 ALL_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LOG_NAME = "train_log.json"
@@ -52,8 +53,10 @@ _WINDOW_BATCHES = 50  # micro-batches per length-sorting window
 
 @dataclass(frozen=True)
 class LoraTrainConfig:
-    """LoRA training settings. Defaults follow the authors' recipe (r 16, alpha 32, dropout 0.05, all 7 projections,
-    lr 2e-4 cosine with 5% warmup, 2 epochs, seed 42). ``max_steps`` (optimizer steps), when set, overrides epochs.
+    """LoRA training settings shared by the recipes. Defaults follow WeaveRec's authors (r 16, alpha 32, dropout 0.05,
+    all 7 projections, lr 2e-4 cosine with 5% warmup, 2 epochs, seed 42). ``max_steps`` (optimizer steps), when
+    set, overrides epochs. Recipes subclass it to add their own fields (appended after these, so the saved config
+    keeps its key order) and may override :meth:`peft_options` to pass more ``peft.LoraConfig`` arguments.
 
     ``layers`` restricts the LoRA to these decoder layer indices (PEFT ``layers_to_transform``; None = every layer,
     as the authors do). LoRA on the top layers only is much cheaper on CPU: the backward pass stops at the lowest
@@ -81,8 +84,6 @@ class LoraTrainConfig:
     dtype: str = "float32"
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
-    task: str = "next"
-    prompt: PromptConfig = field(default_factory=PromptConfig)
 
     def __post_init__(self) -> None:
         checks = [
@@ -101,38 +102,44 @@ class LoraTrainConfig:
             (self.max_seq_len >= 8, f"max_seq_len must be >= 8, got {self.max_seq_len}"),
             (self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision must be no, bf16 or fp16, "
              f"got {self.mixed_precision!r}"),
-            (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}"),
+            *self._extra_checks(),
         ]
         for ok, message in checks:
             if not ok:
-                raise ParameterError(f"LoraTrainConfig: {message}")
+                raise ParameterError(f"{type(self).__name__}: {message}")
         torch_dtype(self.dtype)
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(sorted(set(int(i) for i in self.layers))))
+
+    def _extra_checks(self) -> list[tuple[bool, str]]:
+        """(condition, message) pairs a subclass adds to the validation."""
+        return []
+
+    def peft_options(self) -> dict:
+        """Extra ``peft.LoraConfig`` keyword arguments (none here; a subclass may add e.g. ``use_rslora``)."""
+        return {}
 
     def to_json(self) -> dict:
         """The config as plain JSON values (tuples become lists)."""
         return json.loads(json.dumps(asdict(self)))
 
     @classmethod
-    def from_dict(cls, values: dict) -> LoraTrainConfig:
-        """Build from plain values (YAML/JSON/CLI); ``prompt`` may be a dict. Unknown keys are a ParameterError."""
+    def _convert(cls, values: dict) -> dict:
+        """Turn plain values into field values (a subclass converts its nested configs here)."""
+        for key in ("target_modules", "layers"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        """Build from plain values (YAML/JSON/TOML/CLI). Unknown keys are a ParameterError."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ParameterError(f"unknown LoRA training option(s): {', '.join(unknown)}")
-        values = dict(values)
-        if isinstance(values.get("prompt"), dict):
-            prompt_known = {f.name for f in fields(PromptConfig)}
-            bad = sorted(set(values["prompt"]) - prompt_known)
-            if bad:
-                raise ParameterError(f"unknown prompt option(s): {', '.join(bad)}")
-            values["prompt"] = PromptConfig(**values["prompt"])
-        for key in ("target_modules", "layers"):
-            if isinstance(values.get(key), list):
-                values[key] = tuple(values[key])
-        return cls(**values)
+        return cls(**cls._convert(dict(values)))
 
 
 @dataclass(frozen=True)
@@ -167,12 +174,11 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------------ data plan
-def samples_fingerprint(samples: Sequence[Sample]) -> str:
-    """sha256 over the samples' content, in order (what the model sees and is trained to answer)."""
+def examples_fingerprint(examples: Sequence[EncodedExample]) -> str:
+    """sha256 over the examples' token ids and labels, in order (what the model sees and is trained on)."""
     h = hashlib.sha256()
-    for s in samples:
-        record = [s.domain, s.user, s.target, s.target_title, list(s.history_titles), list(s.candidate_titles)]
-        h.update(json.dumps(record, ensure_ascii=False).encode("utf-8"))
+    for e in examples:
+        h.update(json.dumps([list(e.input_ids), list(e.labels)]).encode("ascii"))
         h.update(b"\n")
     return h.hexdigest()
 
@@ -270,6 +276,7 @@ def _build_model(base_model_dir: Path, cfg: LoraTrainConfig):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
+        **cfg.peft_options(),
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
@@ -291,18 +298,73 @@ def _step_groups(batches: list[list[int]], grad_accum: int) -> list[list[list[in
 
 
 def _answer_nll(model, batch: dict, device) -> torch.Tensor:
-    """Summed NLL of the answer tokens of one left-padded batch (logits only for the answer tail)."""
-    out = model(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-        position_ids=batch["position_ids"].to(device),
-        logits_to_keep=batch["keep"],
-    )
+    """Summed NLL of the answer tokens of one left-padded batch (logits only for the answer tail).
+
+    With ``inputs_embeds`` in the batch (cached hidden states entering layer ``batch["first_layer"]``), only the
+    layers from there up run.
+    """
+    common = {
+        "attention_mask": batch["attention_mask"].to(device),
+        "position_ids": batch["position_ids"].to(device),
+        "logits_to_keep": batch["keep"],
+    }
+    if "inputs_embeds" in batch:
+        inner, _ = _decoder(_unwrap_base(model))
+        with _layer_slice(inner, batch["first_layer"], None, final_norm=True):
+            out = model(inputs_embeds=batch["inputs_embeds"].to(device), **common)
+    else:
+        out = model(input_ids=batch["input_ids"].to(device), **common)
     logits = out.logits[:, :-1, :].float()
     labels = batch["labels"].to(device)
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+
+
+def _unwrap_base(model):
+    """The plain causal LM inside a (DDP-wrapped) PeftModel."""
+    inner = getattr(model, "module", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+@torch.inference_mode()
+def prefix_states(model, examples: Sequence[EncodedExample], first_layer: int, pad_id: int,
+                  batch_size: int = 16) -> list[torch.Tensor]:
+    """Hidden states entering decoder layer ``first_layer`` of each example (its own tokens only, (len, hidden)).
+
+    Layers below ``first_layer`` carry no LoRA and are frozen, so these states never change during training: they
+    are computed once and training runs only the layers from ``first_layer`` up (same loss and gradients, up to
+    float rounding).
+    """
+    base = _unwrap_base(model)
+    inner, _ = _decoder(base)
+    device = next(base.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    out: list[torch.Tensor | None] = [None] * len(examples)
+    was_training = base.training
+    base.eval()
+    try:
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo : lo + batch_size]
+            ids, mask = _pad_left([examples[i].input_ids for i in idx], pad_id, device)
+            with _layer_slice(inner, 0, first_layer, final_norm=False):
+                h = inner(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                          use_cache=False).last_hidden_state
+            for r, i in enumerate(idx):
+                n = len(examples[i].input_ids)
+                out[i] = h[r, h.shape[1] - n :].detach().clone()
+    finally:
+        base.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def _with_prefix(batch: dict, states: Sequence[torch.Tensor], first_layer: int) -> dict:
+    """Add left-padded cached hidden states (zeros on padding) to a collated batch."""
+    width = batch["input_ids"].shape[1]
+    emb = torch.zeros((len(states), width, states[0].shape[-1]), dtype=states[0].dtype)
+    for r, h in enumerate(states):
+        emb[r, width - h.shape[0] :] = h
+    return {**batch, "inputs_embeds": emb, "first_layer": first_layer}
 
 
 def _accumulate_gradients(model, accelerator, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,40 +413,53 @@ def _save_adapter(accelerator, model, out_dir: Path, log: dict) -> None:
     accelerator.wait_for_everyone()
 
 
-def train_lora(
+def train_lora_encoded(
     base_model_dir: Path,
-    samples: Sequence[Sample],
+    encode: Callable[[Any], tuple[Sequence[EncodedExample], dict]],
     out_dir: Path,
-    cfg: LoraTrainConfig | None = None,
+    cfg: LoraTrainConfig,
     *,
+    fingerprint: str,
+    n_samples: int,
+    cache_prefix: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Train one LoRA adapter on ``samples`` and save it to ``out_dir`` (see the module docstring)."""
+    """Train one LoRA adapter and save it to ``out_dir`` (see the module docstring).
+
+    ``encode(tokenizer)`` returns the training examples and extra fields for the train log (inserted after
+    ``mean_len``); it is called only when training actually happens. ``fingerprint`` identifies the training data
+    (a finished adapter in ``out_dir`` is reused only when its config and fingerprint match); ``n_samples`` is the
+    number of examples ``encode`` will return (0 is an error). ``cache_prefix`` (with ``cfg.layers`` set): compute
+    the hidden states below the lowest adapted layer once and train on the layers above only (:func:`prefix_states`;
+    recorded in the train log as ``prefix_cached_below_layer``).
+    """
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    cfg = cfg or LoraTrainConfig()
     base_model_dir, out_dir = Path(base_model_dir), Path(out_dir)
-    fingerprint = samples_fingerprint(samples)
     log = _read_log(out_dir)
     if log is not None:
         _check_resume(out_dir, log, cfg, fingerprint)
         return TrainResult.from_log(out_dir, log, resumed=True)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise OutputError(f"{out_dir} exists and is not a finished adapter directory; remove it first")
-    if not samples:
+    if not n_samples:
         raise ParameterError(f"no training samples for {out_dir}")
 
     accelerator = _make_accelerator(cfg)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(base_model_dir)
-    encoder = PromptEncoder(tokenizer, cfg.prompt)
-    encoded = [encoder.encode_training(s, cfg.task, cfg.max_seq_len, cfg.seed) for s in samples]
+    encoded, log_fields = encode(tokenizer)
     lengths = [len(e.input_ids) for e in encoded]
-    trimmed = sum(e.n_history < len(s.history_titles) for e, s in zip(encoded, samples))
 
     model = _build_model(base_model_dir, cfg)
     trainable = count_parameters(model, trainable_only=True)
+    first_layer = min(cfg.layers) if cache_prefix and cfg.layers else 0
+    if cache_prefix and cfg.gradient_checkpointing:
+        raise ParameterError("cache_prefix and gradient_checkpointing cannot be combined")
+    states = prefix_states(model, encoded, first_layer, tokenizer.pad_token_id) if first_layer else None
+    if first_layer:
+        log_fields = {**log_fields, "prefix_cached_below_layer": first_layer}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -416,6 +491,8 @@ def train_lora(
                     break
                 t_step = time.perf_counter()
                 batches = [collate_left([encoded[i] for i in b], pad_id) for b in group]
+                if states is not None:
+                    batches = [_with_prefix(x, [states[i] for i in b], first_layer) for x, b in zip(batches, group)]
                 nll_total, n_tokens = _accumulate_gradients(model, accelerator, batches)
                 if cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -439,11 +516,11 @@ def train_lora(
         "config": cfg.to_json(),
         "data_fingerprint": fingerprint,
         "base_model": str(base_model_dir),
-        "n_samples": len(samples),
+        "n_samples": len(encoded),
         "n_answer_tokens": int(sum(e.n_answer_tokens for e in encoded)),
         "max_len": int(max(lengths)),
         "mean_len": float(np.mean(lengths)),
-        "samples_with_trimmed_history": int(trimmed),
+        **log_fields,
         "steps": step,
         "total_steps": total_steps,
         "epochs_started": epoch,
@@ -465,10 +542,12 @@ def train_lora(
 
 __all__ = [
     "ALL_PROJECTIONS",
+    "IGNORE_INDEX",
+    "EncodedExample",
     "LoraTrainConfig",
     "TrainResult",
     "collate_left",
     "epoch_batches",
-    "samples_fingerprint",
-    "train_lora",
+    "examples_fingerprint",
+    "train_lora_encoded",
 ]

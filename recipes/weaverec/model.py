@@ -10,7 +10,7 @@ The implementation is split by concern:
 
 from __future__ import annotations
 
-from .llm import (
+from recipe_common.llm import (
     SMOLLM2_SPEC,
     ModelInfo,
     build_tiny_tokenizer,

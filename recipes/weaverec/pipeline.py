@@ -190,7 +190,7 @@ def pooled_module(cfg: RunConfig) -> Path:
 
 
 def base_model_dir(cfg: RunConfig) -> Path:
-    from .llm import resolve_base_model
+    from recipe_common.llm import resolve_base_model
 
     return resolve_base_model(cfg.model.base, Path(os.path.expanduser(cfg.model.cache_dir)) if cfg.model.cache_dir else None)
 
@@ -346,7 +346,7 @@ def _score_llm(cfg: RunConfig, row: dict, test: list[Sample], *, progress: bool)
     import torch
 
     from . import metrics as M
-    from .llm import count_parameters, load_for_eval, load_tokenizer
+    from recipe_common.llm import count_parameters, load_for_eval, load_tokenizer
     from .scoring import generate_topk, measure_scoring_latency, score_candidates
 
     base = base_model_dir(cfg)
