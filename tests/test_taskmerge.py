@@ -271,3 +271,17 @@ def test_prefix_cached_training_matches_full_forward_training(tiny, tmp_path):
     assert log["prefix_cached_below_layer"] == 1 and "prefix_cached_below_layer" not in json.loads(
         (tmp_path / "False" / "train_log.json").read_text())
     assert json.loads((tmp_path / "True" / "adapter_config.json").read_text())["use_rslora"] is True
+
+
+def test_bootstrap_row_point_values_by_hand():
+    from taskmerge.report import bootstrap_row
+
+    correct = {"a": [1, 0, 0, 0], "b": [1, 1, 0, 0], "c": [0, 0, 0, 0]}
+    individual = {"a": [1, 1, 0, 0], "b": [1, 1, 1, 1], "c": [0, 0, 0, 1]}  # c's own adapter: 0.25 < 0.3
+    r = bootstrap_row(correct, individual, ["a", "b", "c"], n_boot=200, seed=0, min_individual=0.3)
+    assert r["accuracy"] == {"a": 0.25, "b": 0.5, "c": 0.0}
+    assert r["mean_accuracy"] == pytest.approx(0.25)
+    assert r["normalized"] == {"a": 0.5, "b": 0.5, "c": None}
+    assert r["normalized_accuracy"] == pytest.approx(0.5)
+    lo, hi = r["mean_accuracy_ci"]
+    assert 0 <= lo <= 0.25 <= hi <= 0.5

@@ -374,8 +374,10 @@ def evaluate_row(ev: Evaluator, row: str, adapter_path: Path | None, tasks: Sequ
     t0 = time.perf_counter()
     correct = ev.score(adapter, tasks, split)
     seconds = time.perf_counter() - t0
+    import torch
+
     result = {"row": row, "split": split, "adapter": str(adapter_path) if adapter_path else None,
-              "correct": correct, "seconds": seconds}
+              "correct": correct, "seconds": seconds, "torch_threads": torch.get_num_threads()}
     _write_json(path, result)
     acc = " ".join(f"{t}={np.mean(v):.2f}" for t, v in correct.items())
     ev.log(f"evaluate: {row} [{split}] {acc} ({seconds:.0f} s)")
