@@ -379,7 +379,8 @@ def _prepare_preview(
     from .engine import plan
 
     p = check_preview(spec, len(adapters), seed)
-    mp = plan(list(adapters), p.method, p.weights, rank=p.rank, seed=seed, extra_tensors="first", **dict(p.params))
+    mp = plan(list(adapters), p.method, p.weights, rank=p.rank, seed=seed, extra_tensors="first", allow_disjoint=True,
+              **dict(p.params))
     return p, mp
 
 

@@ -37,7 +37,7 @@ from .adapter import (
     load_adapter,
     resolve_output_dtype,
 )
-from .errors import IncompatibleInputsError, InputError, OutputError, ParameterError
+from .errors import IncompatibleInputsError, InputError, OutputError, ParameterError, option
 from .lowrank import concat_factors, full_rank_factors, truncate_dense, truncate_factors
 from .registry import Method, resolve
 from .safetensors_io import SafetensorsWriter, gib, memory_limit_bytes, read_tensor
@@ -98,6 +98,18 @@ def retain_freed_memory() -> bool:
     return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1)) == 1
 
 
+def _opt_extra_first() -> str:
+    return option("--extra-tensors first", "extra_tensors='first'")
+
+
+def _opt_method_cat() -> str:
+    return option("--method cat", "method='cat'")
+
+
+def _opt_rank_full() -> str:
+    return option("--rank full", "rank='full'")
+
+
 def validate_options(
     method: str,
     n_inputs: int,
@@ -153,15 +165,19 @@ def plan(
     svd_oversample: int = 8,
     dtype: str | None = None,
     extra_tensors: str = "identical",
+    allow_disjoint: bool = False,
     **params: Any,
 ) -> MergePlan:
     """Validate options, then check the inputs against each other from their headers. Reads no tensor data
-    (except non-LoRA extra tensors, compared byte for byte)."""
+    (except non-LoRA extra tensors, compared byte for byte). An input that shares no module with any other input is
+    refused unless ``allow_disjoint`` (see :func:`_check_overlap`)."""
     m, w, p = validate_options(
         method, len(adapters), weights, params, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter,
         svd_oversample=svd_oversample, dtype=dtype, extra_tensors=extra_tensors,
     )
     names = sorted({n for a in adapters for n in a.modules})
+    if not allow_disjoint:
+        _check_overlap(adapters, m, p)
     max_rank = max(mod.rank for a in adapters for mod in a.modules.values())
     modules: list[ModulePlan] = []
     notes: list[str] = []
@@ -198,6 +214,38 @@ def plan(
     )
 
 
+def _check_overlap(adapters: Sequence[Adapter], method: Method, params: Mapping[str, Any]) -> None:
+    """Refuse inputs that share no module with the others: such a "merge" combines nothing, and under linear's
+    default normalisation it silently shrinks every module by its weight share. It is almost always a mistake
+    (adapters of different base models, or of different target modules); ``allow_disjoint`` says it is not."""
+    if len(adapters) < 2:
+        return
+    counts: dict[str, int] = {}
+    for a in adapters:
+        for n in a.modules:
+            counts[n] = counts.get(n, 0) + 1
+    alone = [a for a in adapters if not any(counts[n] > 1 for n in a.modules)]
+    if not alone:
+        return
+    flag = option("--allow-disjoint", "allow_disjoint=True")
+    shrink = (f"; with {method.name}'s normalisation each module would also be scaled by its input's weight share"
+              if method.name == "linear" and params.get("normalize") else "")
+    if len(alone) == len(adapters):
+        sizes = ", ".join(f"{a.name}: {len(a.modules)}" for a in adapters)
+        first = [next(iter(sorted(a.modules)), "-").removeprefix("base_model.model.") for a in adapters[:2]]
+        raise IncompatibleInputsError(
+            f"the inputs have no module in common (modules per input: {sizes}; e.g. '{first[0]}' only in "
+            f"{adapters[0].name}, '{first[1]}' only in {adapters[1].name}), so there is nothing to merge: each output "
+            f"module would be one input's module{shrink}. Adapters for different base models or target modules? "
+            f"To put them into one adapter anyway, pass {flag}"
+        )
+    raise IncompatibleInputsError(
+        f"{', '.join(a.name for a in alone)} {'shares' if len(alone) == 1 else 'share'} no module with the other "
+        f"inputs, so {'it' if len(alone) == 1 else 'they'} would not be merged with anything{shrink}. Adapters for "
+        f"another base model or other target modules? To merge anyway, pass {flag}"
+    )
+
+
 def _plan_extras(adapters: Sequence[Adapter], policy: str) -> dict[str, tuple[int, str]]:
     keys = sorted({k for a in adapters for k in a.extras})
     out: dict[str, tuple[int, str]] = {}
@@ -220,7 +268,7 @@ def _plan_extras(adapters: Sequence[Adapter], policy: str) -> dict[str, tuple[in
         if not same:
             raise IncompatibleInputsError(
                 f"non-LoRA tensor '{key}' (e.g. modules_to_save or trainable tokens) is not identical in every input; "
-                f"full weights cannot be merged as deltas: pass --extra-tensors first (extra_tensors='first') to copy "
+                f"full weights cannot be merged as deltas: pass {_opt_extra_first()} to copy "
                 f"it from the first input that has it"
             )
         out[key] = (holders[0], "identical in every input that has it" if base_copy else "identical in every input")
@@ -324,7 +372,8 @@ def _merge_module_checked(p: ModulePlan, mp: MergePlan, adapters: Sequence[Adapt
             step = "magnitude selection and the SVD back to low rank need" if mp.method.kind == "elementwise" else "the SVD back to low rank needs"
             raise InputError(
                 f"module '{p.name}': method '{mp.method.name}' cannot merge the NaN/Inf values of {bad_factors[0]} "
-                f"(allowed by --allow-nonfinite): {step} finite values; use --method cat, or a linear method with --rank full"
+                f"(allowed by {option('--allow-nonfinite', 'allow_nonfinite=True')}): {step} finite values; use "
+                f"{_opt_method_cat()}, or a linear method with {_opt_rank_full()}"
             ) from None
         if isinstance(e, torch.linalg.LinAlgError) and biggest > 1e30:  # finite, but the float32 SVD overflows
             raise InputError(
@@ -345,7 +394,7 @@ def _cast_checked(name: str, key: str, t: torch.Tensor, dtype: torch.dtype, chec
         biggest = float(t.abs().max())
         raise OutputError(
             f"module '{name}': merged '{key}' holds values up to {biggest:.3g}, which do not fit "
-            f"{str(dtype).removeprefix('torch.')} (max {torch.finfo(dtype).max:.3g}); use --dtype float32 or bfloat16"
+            f"{str(dtype).removeprefix('torch.')} (max {torch.finfo(dtype).max:.3g}); use " + option("--dtype float32 or bfloat16", "dtype='float32' or 'bfloat16'")
         )
     return out
 
@@ -452,11 +501,11 @@ def _as_adapters(inputs: Sequence[Adapter | str | os.PathLike]) -> list[Adapter]
     return [x if isinstance(x, Adapter) else load_adapter(x) for x in inputs]
 
 
-def _open_and_plan(adapters, method, weights, params, **opts) -> tuple[list[Adapter], MergePlan]:
+def _open_and_plan(adapters, method, weights, params, *, allow_disjoint: bool = False, **opts) -> tuple[list[Adapter], MergePlan]:
     """Validate every option before any file is opened, then open the inputs' headers and plan the merge."""
     validate_options(method, len(adapters), weights, params, **opts)
     ads = _as_adapters(adapters)
-    return ads, plan(ads, method, weights, **opts, **params)
+    return ads, plan(ads, method, weights, allow_disjoint=allow_disjoint, **opts, **params)
 
 
 def merge(
@@ -472,6 +521,7 @@ def merge(
     dtype: str | None = None,
     extra_tensors: Literal["identical", "first"] = "identical",
     allow_nonfinite: bool = False,
+    allow_disjoint: bool = False,
     progress: Progress | None = None,
     **params: Any,
 ) -> Adapter:
@@ -481,11 +531,13 @@ def merge(
     each); operator parameters (``density``, ``majority_sign``, ``scale``, ...) are keyword arguments. ``rank`` is the
     output rank (default: the largest input rank) or ``"full"`` for an exact full-rank output. The result's
     ``summary`` holds per-module ranks and relative truncation errors; its metadata records the provenance.
+    Inputs that share no module with the other inputs are refused unless ``allow_disjoint=True``.
     For outputs too large to hold in memory use :func:`merge_to`.
     """
     t0 = time.perf_counter()
     ads, mp = _open_and_plan(adapters, method, weights, params, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter,
-                             svd_oversample=svd_oversample, dtype=dtype, extra_tensors=extra_tensors)
+                             svd_oversample=svd_oversample, dtype=dtype, extra_tensors=extra_tensors,
+                             allow_disjoint=allow_disjoint)
     tensors: dict[str, torch.Tensor] = {}
     out_modules, errors = _run(mp, ads, tensors.__setitem__, check_finite=not allow_nonfinite, progress=progress)
     extras = {k: ads[i]._extra_tensor(k) for k, (i, _) in mp.extras.items()}
@@ -516,6 +568,7 @@ def merge_to(
     dtype: str | None = None,
     extra_tensors: Literal["identical", "first"] = "identical",
     allow_nonfinite: bool = False,
+    allow_disjoint: bool = False,
     progress: Progress | None = None,
     **params: Any,
 ) -> dict[str, Any]:
@@ -523,7 +576,8 @@ def merge_to(
     ``.safetensors``) so memory stays bounded by one module. The output appears atomically. Returns the summary."""
     t0 = time.perf_counter()
     ads, mp = _open_and_plan(adapters, method, weights, params, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter,
-                             svd_oversample=svd_oversample, dtype=dtype, extra_tensors=extra_tensors)
+                             svd_oversample=svd_oversample, dtype=dtype, extra_tensors=extra_tensors,
+                             allow_disjoint=allow_disjoint)
     inputs = [a.path for a in ads if a.path is not None]
     with OutputTarget(Path(output), force=force, inputs=inputs) as out:
         writer = SafetensorsWriter(out.weights_path, display=out.target)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 
 from . import ops
-from .errors import ParameterError
+from .errors import ParameterError, option
 
 __all__ = ["Method", "METHODS", "Param", "describe", "get_method", "resolve"]
 
@@ -338,7 +338,7 @@ def resolve(
     if method.name == "linear" and resolved["normalize"]:
         if math.fsum(w) == 0.0:
             raise ParameterError("method 'linear': the weights sum to 0, so they cannot be normalized "
-                                 "(set normalize=false, or use task_arithmetic)")
+                                 f"(pass {option('--no-normalize', 'normalize=False')}, or use task_arithmetic)")
     return method, w, resolved
 
 

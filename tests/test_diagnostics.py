@@ -466,7 +466,7 @@ def test_cli_module_imports_only_typer_rich_and_stdlib():
             top |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             top.add("." + (node.module or "") if node.level else node.module.split(".")[0])
-    allowed = {"__future__", "importlib", "json", "math", "os", "sys", "tempfile", "pathlib", "typing", "typer", "rich", ".errors"}
+    allowed = {"__future__", "importlib", "json", "math", "os", "re", "sys", "tempfile", "pathlib", "typing", "typer", "rich", ".errors"}
     assert top <= allowed, top - allowed
     probe = "import sys, adaptermerge.cli, adaptermerge.diagnostics; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})

@@ -42,7 +42,7 @@ import torch
 from adaptermerge.errors import InputError, OutputError, ParameterError
 
 from .llm import _versions, atomic_dir_write, count_parameters, load_tokenizer, torch_dtype
-from .scoring import _decoder, _layer_slice, _pad_left, position_ids_from_mask, progress_bar
+from .scoring import _decoder, _layer_slice, _pad_left, bar_label, position_ids_from_mask, progress_bar
 from .types import IGNORE_INDEX, EncodedExample
 
 ALL_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -423,6 +423,7 @@ def train_lora_encoded(
     n_samples: int,
     cache_prefix: bool = False,
     progress: bool = True,
+    label: str | None = None,
 ) -> TrainResult:
     """Train one LoRA adapter and save it to ``out_dir`` (see the module docstring).
 
@@ -431,7 +432,8 @@ def train_lora_encoded(
     (a finished adapter in ``out_dir`` is reused only when its config and fingerprint match); ``n_samples`` is the
     number of examples ``encode`` will return (0 is an error). ``cache_prefix`` (with ``cfg.layers`` set): compute
     the hidden states below the lowest adapted layer once and train on the layers above only (:func:`prefix_states`;
-    recorded in the train log as ``prefix_cached_below_layer``).
+    recorded in the train log as ``prefix_cached_below_layer``). ``label`` names the adapter on the progress bar
+    (default: the output folder's name).
     """
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
@@ -483,7 +485,7 @@ def train_lora_encoded(
 
     columns = (TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} samples/s"))
     with progress_bar(progress and accelerator.is_main_process, *columns) as bar:
-        task = bar.add_task("training", total=total_steps, loss="-", rate="-") if bar else None
+        task = bar.add_task(bar_label("training", label or out_dir.name), total=total_steps, loss="-", rate="-") if bar else None
         while step < total_steps:
             plan = plan0 if epoch == 0 else epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, world)[rank::world]
             for group in _step_groups(plan, cfg.grad_accum):

@@ -33,6 +33,7 @@ from recipe_common.scoring import (
     _pad_left,
     _pad_right,
     _token_logprobs,
+    bar_label,
     position_ids_from_mask,
     progress_bar,
 )
@@ -121,6 +122,7 @@ def score_candidates_detailed(
     max_rows: int = 32,
     max_seq_len: int | None = None,
     progress: bool = False,
+    label: str | None = None,
 ) -> list[CandidateScores]:
     """Log-likelihood of every candidate of every sample (see the module docstring).
 
@@ -137,7 +139,7 @@ def score_candidates_detailed(
     results: list[CandidateScores] = []
     try:
         with progress_bar(progress) as bar:
-            task = bar.add_task("scoring users", total=len(samples)) if bar else None
+            task = bar.add_task(bar_label("scoring", label), total=len(samples)) if bar else None
             for idx in _batches(len(samples), batch_size):
                 inputs = [encoder.encode_scoring(samples[i], max_seq_len) for i in idx]
                 for x, (sums, counts) in zip(inputs, _score_batch(model, pad_id, inputs, max_rows)):
@@ -160,6 +162,7 @@ def score_candidates(
     max_seq_len: int | None = None,
     reduction: str = "sum",
     progress: bool = False,
+    label: str | None = None,
 ) -> list[np.ndarray]:
     """Per-sample arrays of candidate scores (higher = more likely): ``reduction`` "sum" or "mean" (per token)."""
     if reduction not in ("sum", "mean"):
@@ -173,6 +176,7 @@ def score_candidates(
         max_rows=max_rows,
         max_seq_len=max_seq_len,
         progress=progress,
+        label=label,
     )
     return [d.logprob_sum if reduction == "sum" else d.logprob_mean for d in detailed]
 
@@ -196,6 +200,7 @@ def generate_topk(
     batch_size: int = 4,
     max_seq_len: int | None = None,
     progress: bool = False,
+    label: str | None = None,
 ) -> list[list[str]]:
     """Greedy generation with the authors' "pick and order the top k" prompt; returns the parsed titles per sample.
 
@@ -213,7 +218,7 @@ def generate_topk(
     out: list[list[str]] = []
     try:
         with progress_bar(progress) as bar:
-            task = bar.add_task("generating top-k", total=len(samples)) if bar else None
+            task = bar.add_task(bar_label("generating top-k", label), total=len(samples)) if bar else None
             for idx in _batches(len(samples), batch_size):
                 budgets = [_max_new_tokens(encoder, samples[i], k) for i in idx]
                 rows = [encoder.encode_generation(samples[i], b, max_seq_len) for i, b in zip(idx, budgets)]

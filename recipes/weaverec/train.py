@@ -67,8 +67,11 @@ def train_lora(
     cfg: LoraTrainConfig | None = None,
     *,
     progress: bool = True,
+    label: str | None = None,
 ) -> TrainResult:
-    """Train one LoRA adapter on ``samples`` and save it to ``out_dir`` (see :mod:`recipe_common.train`)."""
+    """Train one LoRA adapter on ``samples`` and save it to ``out_dir`` (see :mod:`recipe_common.train`).
+
+    ``label`` names the module on the progress bar (default: the output folder's name)."""
     cfg = cfg or LoraTrainConfig()
 
     def encode(tokenizer):
@@ -79,7 +82,7 @@ def train_lora(
 
     return _common.train_lora_encoded(
         base_model_dir, encode, out_dir, cfg,
-        fingerprint=samples_fingerprint(samples), n_samples=len(samples), progress=progress,
+        fingerprint=samples_fingerprint(samples), n_samples=len(samples), progress=progress, label=label,
     )
 
 
