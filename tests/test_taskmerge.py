@@ -285,3 +285,16 @@ def test_bootstrap_row_point_values_by_hand():
     assert r["normalized_accuracy"] == pytest.approx(0.5)
     lo, hi = r["mean_accuracy_ci"]
     assert 0 <= lo <= 0.25 <= hi <= 0.5
+
+
+def test_cli_bad_config_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[merge]\nrank = ["max"]\n')
+    cli = [sys.executable, "-m", "adaptermerge", "taskmerge", "prepare"]
+    for path, expect in ((tmp_path / "missing.toml", "missing.toml"), (bad, "merge: unknown keys ['rank']")):
+        out = subprocess.run([*cli, str(path)], capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and expect in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1

@@ -25,7 +25,6 @@ EncodedExamples (WeaveRec: :func:`weaverec.train.train_lora`; task merging: ``ta
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -174,15 +173,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------------ data plan
-def examples_fingerprint(examples: Sequence[EncodedExample]) -> str:
-    """sha256 over the examples' token ids and labels, in order (what the model sees and is trained on)."""
-    h = hashlib.sha256()
-    for e in examples:
-        h.update(json.dumps([list(e.input_ids), list(e.labels)]).encode("ascii"))
-        h.update(b"\n")
-    return h.hexdigest()
-
-
 def epoch_batches(
     lengths: Sequence[int], batch_size: int, seed: int, epoch: int, world_size: int = 1
 ) -> list[list[int]]:
@@ -550,6 +540,5 @@ __all__ = [
     "TrainResult",
     "collate_left",
     "epoch_batches",
-    "examples_fingerprint",
     "train_lora_encoded",
 ]
