@@ -200,9 +200,17 @@ def grid_points(method: dict, cfg: RunConfig) -> list[tuple[tuple[float, ...], t
     return out
 
 
+def _method_info(method: str) -> dict:
+    """The registry's public description of one operator (``adaptermerge.methods()``)."""
+    for m in am.methods():
+        if m["name"] == method:
+            return m
+    raise ParameterError(f"operator {method!r} is not registered")
+
+
 def _fixed_rank(method: str) -> bool:
     """Operators that take no ``rank`` (their output rank is the sum of the input ranks)."""
-    return getattr(am.METHODS.get(method), "kind", None) == "concat"
+    return _method_info(method).get("kind") == "concat"
 
 
 def merge_jobs(cfg: RunConfig) -> dict[str, list[MergeJob]]:
@@ -245,7 +253,7 @@ def run_merge(cfg: RunConfig, job: MergeJob, adapters: dict[str, am.Adapter]) ->
     ads = [adapters[n] for n in job.inputs]
     rank = sum(_input_rank(a) for a in ads) if job.rank == "sum" and not _fixed_rank(job.method) else None
     params = dict(job.params)
-    if am.METHODS[job.method].stochastic:
+    if _method_info(job.method).get("stochastic"):
         params["seed"] = cfg.merge.seed
     t0 = time.perf_counter()
     merged = am.merge(ads, method=job.method, weights=list(job.weights) if job.weights else None, rank=rank, **params)
