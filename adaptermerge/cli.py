@@ -7,10 +7,10 @@ Every error is one line on stderr, ``error: <what, naming the file/tensor/parame
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +23,7 @@ except ImportError:  # pragma: no cover - older typer on the real click
 from rich.console import Console
 from rich.table import Table
 
+from .cliparse import floats as _floats, one_or_many, operator_params
 from .errors import AdapterMergeError, InputError, ParameterError
 
 app = typer.Typer(
@@ -38,26 +39,19 @@ err = Console(stderr=True, soft_wrap=True)
 
 CONFIG_KEYS = {
     "inputs", "method", "weights", "params", "rank", "seed", "svd", "svd_niter", "svd_oversample", "dtype",
-    "output", "force", "extra_tensors", "allow_nonfinite", "alpha",
+    "output", "force", "extra_tensors", "allow_nonfinite", "alpha", "warn_loss",
 }
-INPUT_KEYS = {"path", "weight", "density", "alpha"}
+INPUT_KEYS = {"path", "weight", "alpha"}  # plus every per-input operator parameter (per_input_params())
+
+
+def per_input_params() -> set[str]:
+    """Names of the operator parameters that take one value per input (declared once, in the operators)."""
+    from .registry import METHODS
+
+    return {p.name for m in METHODS.values() for p in m.params if p.per_input}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _floats(text: str, option: str) -> list[float]:
-    vals = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            v = float(part)
-        except ValueError:
-            raise ParameterError(f"{option}: {part!r} is not a number") from None
-        if not math.isfinite(v):
-            raise ParameterError(f"{option}: {part!r} is not a finite number")
-        vals.append(v)
-    return vals
-
-
 def _rank(value: Any) -> int | str | None:
     if value is None or value == "full":
         return value
@@ -98,28 +92,37 @@ def load_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _expand_inputs(cfg: dict[str, Any], base: Path) -> tuple[list[str], list[float] | None, list[float] | None, list[float | None]]:
-    paths, weights, densities, alphas = [], [], [], []
+def _expand_inputs(cfg: dict[str, Any], base: Path) -> tuple[list[str], list[float] | None, dict[str, list[Any]], list[float | None]]:
+    """Paths, weights, per-input operator parameters ({name: one value per input}) and alphas of a config."""
+    per_input = per_input_params()
+    valid = INPUT_KEYS | per_input
+    paths, weights, alphas = [], [], []
+    values: dict[str, list[Any]] = {k: [] for k in sorted(per_input)}
     for i, item in enumerate(cfg.get("inputs") or []):
         if isinstance(item, str):
             item = {"path": item}
         if not isinstance(item, dict) or "path" not in item:
             raise ParameterError(f"config inputs[{i}] must be a path or a mapping with 'path'")
-        unknown = set(item) - INPUT_KEYS
+        unknown = set(item) - valid
         if unknown:
-            raise ParameterError(f"config inputs[{i}]: unknown keys {sorted(unknown)} (valid: {sorted(INPUT_KEYS)})")
+            raise ParameterError(f"config inputs[{i}]: unknown keys {sorted(unknown)} (valid: {sorted(valid)})")
         p = Path(str(item["path"]))
         paths.append(str(p if p.is_absolute() else base / p))
         weights.append(item.get("weight"))
-        densities.append(item.get("density"))
+        for k in values:
+            values[k].append(item.get(k))
         alphas.append(item.get("alpha"))
     w = None if all(x is None for x in weights) else weights
-    d = None if all(x is None for x in densities) else densities
     if w is not None and any(x is None for x in w):
         raise ParameterError("config: give a weight for every input or for none")
-    if d is not None and any(x is None for x in d):
-        raise ParameterError("config: give a density for every input or for none")
-    return paths, w, d, alphas
+    params = {}
+    for k, vals in values.items():
+        if all(x is None for x in vals):
+            continue
+        if any(x is None for x in vals):
+            raise ParameterError(f"config: give a {k} for every input or for none")
+        params[k] = vals
+    return paths, w, params, alphas
 
 
 def _widen(console: Console) -> None:
@@ -163,7 +166,10 @@ def merge(
     rescale: Optional[bool] = typer.Option(None, "--rescale/--no-rescale", help="DARE/DELLA: rescale kept entries by 1/keep-probability."),
     gamma: Optional[float] = typer.Option(None, help="breadcrumbs: fraction of the largest-magnitude entries dropped as outliers."),
     epsilon: Optional[float] = typer.Option(None, help="della: spread of keep probabilities around density."),
-    rank: Optional[str] = typer.Option(None, "--rank", "-r", help="Output rank: an integer (default: largest input rank) or 'full' for an exact full-rank delta. Not for cat."),
+    space: Optional[str] = typer.Option(None, help="Element-wise methods: full (dense deltas, default) or core (Core Space: on the inputs' small core matrices, exact low-rank result)."),
+    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="Any operator parameter as NAME=VALUE (repeatable), e.g. -p density=0.5 -p space=core; `adaptermerge methods` lists them."),
+    rank: Optional[str] = typer.Option(None, "--rank", "-r", help="Output rank: an integer, or 'full' for an exact full-rank delta. Default: exact wherever the merged delta is low-rank (linear and factor-form methods, space=core), else the largest input rank. Not for cat."),
+    warn_loss: Optional[float] = typer.Option(None, help="Warn when truncating loses more than this fraction of a module's merged delta (default 0.1; 1 = never)."),
     seed: Optional[int] = typer.Option(None, help="Seed for DARE/DELLA drops and the randomized SVD (default 0). Same seed, same bytes."),
     svd: Optional[str] = typer.Option(None, help="Back-to-low-rank for element-wise methods: randomized (fast, default) or exact."),
     svd_niter: Optional[int] = typer.Option(None, help="Power iterations of the randomized SVD (default 2)."),
@@ -185,24 +191,24 @@ def merge(
     Example: adaptermerge merge a/ b/ c.safetensors --method ties --weights 0.5,0.3,0.2 --density 0.5 --rank 16 -o merged/
     """
     from .adapter import check_output_path, load_adapter
-    from .engine import merge_to, retain_freed_memory, validate_options
+    from .engine import DEFAULT_WARN_LOSS, MergeLossWarning, MergeRequest, merge_to, retain_freed_memory
 
     cfg: dict[str, Any] = load_config_file(config) if config else {}
     base = config.parent if config else Path(".")
-    cfg_paths, cfg_weights, cfg_dens, cfg_alphas = _expand_inputs(cfg, base)
+    cfg_paths, cfg_weights, cfg_per_input, cfg_alphas = _expand_inputs(cfg, base)
     paths = list(inputs or []) or cfg_paths
     if not paths:
         raise ParameterError("no inputs: give adapter paths or a --config with inputs")
     if inputs and cfg_paths:
-        cfg_weights, cfg_dens, cfg_alphas = None, None, []
+        cfg_weights, cfg_per_input, cfg_alphas = None, {}, []
     w = _floats(weights, "--weights") if weights is not None else cfg_weights if cfg_weights is not None else cfg.get("weights")
+    method_name = method or cfg.get("method", "linear")
     params: dict[str, Any] = dict(cfg.get("params") or {})
-    if cfg_dens is not None:
-        params["density"] = cfg_dens
-    cli_params = {"density": None if density is None else (lambda v: v[0] if len(v) == 1 else v)(_floats(density, "--density")),
-                  "majority_sign": majority_sign, "scale": scale, "normalize": normalize, "rescale": rescale,
-                  "gamma": gamma, "epsilon": epsilon}
-    params.update({k: v for k, v in cli_params.items() if v is not None})
+    params.update(cfg_per_input)
+    flags = {"density": None if density is None else one_or_many(_floats(density, "--density")),
+             "majority_sign": majority_sign, "scale": scale, "normalize": normalize, "rescale": rescale,
+             "gamma": gamma, "epsilon": epsilon, "space": space}
+    params.update(operator_params(method_name, param, flags))
     opts = {
         "rank": _rank(rank if rank is not None else cfg.get("rank")),
         "seed": seed if seed is not None else cfg.get("seed", 0),
@@ -211,10 +217,10 @@ def merge(
         "svd_oversample": svd_oversample if svd_oversample is not None else cfg.get("svd_oversample", 8),
         "dtype": dtype or cfg.get("dtype"),
         "extra_tensors": extra_tensors or cfg.get("extra_tensors", "identical"),
+        "warn_loss": warn_loss if warn_loss is not None else cfg.get("warn_loss", DEFAULT_WARN_LOSS),
     }
-    method_name = method or cfg.get("method", "linear")
-    # 1. every option, before any file is opened
-    validate_options(method_name, len(paths), w, params, **opts)
+    # 1. every option, once, before any file is opened
+    request = MergeRequest.build(method_name, len(paths), w, params, **opts)
     target = output if output is not None else (base / str(cfg["output"]) if cfg.get("output") else None)
     if target is None:
         raise ParameterError("no output: pass -o/--output (a directory, or a file ending in .safetensors)")
@@ -227,16 +233,21 @@ def merge(
     # 3. merge, streaming to a temporary output renamed into place at the end
     retain_freed_memory()  # this process ends after the merge: reuse freed deltas instead of faulting pages in
     bar, update = _progress_bar(not (quiet or json_out))
-    if bar is not None:
-        with bar:
-            summary = merge_to(target, adapters, method_name, w, force=force, allow_nonfinite=allow_nonfinite or bool(cfg.get("allow_nonfinite")), progress=update, **opts, **params)
-    else:
-        summary = merge_to(target, adapters, method_name, w, force=force, allow_nonfinite=allow_nonfinite or bool(cfg.get("allow_nonfinite")), **opts, **params)
+    nonfinite = allow_nonfinite or bool(cfg.get("allow_nonfinite"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MergeLossWarning)  # printed below, from the summary
+        if bar is not None:
+            with bar:
+                summary = merge_to(target, adapters, request, force=force, allow_nonfinite=nonfinite, progress=update)
+        else:
+            summary = merge_to(target, adapters, request, force=force, allow_nonfinite=nonfinite)
     summary["output"] = str(target)
     if json_out:
         out.print_json(json.dumps(summary))
     elif not quiet:
         _print_merge_summary(summary)
+    for w in summary["warnings"]:
+        err.print(f"warning: {w}", highlight=False, markup=False)
 
 
 def _print_merge_summary(s: dict[str, Any]) -> None:
@@ -317,14 +328,15 @@ def methods(json_out: bool = typer.Option(False, "--json", help="Print machine-r
         return
     _widen(out)
     t = Table(show_lines=True)
-    for col in ("method", "kind", "parameters", "reference"):
+    for col in ("method", "form", "parameters", "reference"):
         t.add_column(col)
     for m in info:
         ps = []
         for p in m["params"]:
             rng = p.get("choices") or p.get("range")
             ps.append(f"{p['name']}={p['default']!r}" + (f" {rng}" if rng else "") + (" (per input)" if p.get("per_input") else ""))
-        t.add_row(f"[bold]{m['name']}[/]\n{m['summary']}", m["kind"], "\n".join(ps) or "-", m["paper"])
+        t.add_row(f"[bold]{m['name']}[/]\n{m['summary']}", m["form"], "\n".join(ps) or "-", "\n".join(
+            f"{p['citation']}, {p['url']}" + (f" (code: github.com/{p['repo']})" if p["repo"] else "") for p in m["papers"]))
     out.print(t)
 
 
