@@ -163,6 +163,7 @@ class MergePlan:
     modules: list[ModulePlan]
     extras: dict[str, tuple[int, str]]  # extra tensor key -> (input index to copy from, why)
     notes: list[str] = field(default_factory=list)
+    contexts: dict[str, Any] | None = None  # model-wide operators: each module's context (first pass, cached)
 
     # the request's fields, for code that reads them off the plan
     method = property(lambda self: self.request.operator)
@@ -330,6 +331,8 @@ def _merge_module(p: ModulePlan, mp: MergePlan, adapters: Sequence[Adapter], che
             return (*full_rank_factors(torch.cat(bs, 1) @ torch.cat(as_, 0)), 0.0)
         return truncate_factors(bs, as_, p.out_rank)
     if op.form == "factors":
+        if op.model_wide is not None and op.model_wide(req.params):
+            kwargs["context"] = _model_contexts(mp, adapters, check_finite)[p.name]
         b, a = op.fn(_all_factors(p, factors, len(adapters)), list(req.weights), **kwargs)
         return truncate_factors([b], [a], p.out_rank)
     if req.space == "core":
@@ -351,6 +354,21 @@ def _merge_module(p: ModulePlan, mp: MergePlan, adapters: Sequence[Adapter], che
         merged, p.out_rank, method=req.svd, niter=req.svd_niter, oversample=req.svd_oversample,
         seed=module_seed(req.seed, "svd:" + p.name),
     )
+
+
+def _model_contexts(mp: MergePlan, adapters: Sequence[Adapter], check_finite: bool) -> dict[str, Any]:
+    """First pass of a model-wide operator: its statistics of every module, combined into one context per module
+    (computed once per plan)."""
+    if mp.contexts is None:
+        req = mp.request
+        op = req.operator
+        kwargs = {k: v for k, v in op.operator_params(req.params).items() if k != "seed"}
+        stats = []
+        for p in mp.modules:
+            factors = {i: adapters[i].factors(p.name, check_finite=check_finite) for i in p.present}
+            stats.append(op.collect(_all_factors(p, factors, len(adapters)), list(req.weights), **kwargs))
+        mp.contexts = dict(zip((p.name for p in mp.modules), op.combine(stats, **kwargs)))
+    return mp.contexts
 
 
 def _all_factors(p: ModulePlan, factors: Mapping[int, tuple[torch.Tensor, torch.Tensor]], n_inputs: int):

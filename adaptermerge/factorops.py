@@ -13,7 +13,8 @@ optimally to the requested rank (by default it keeps it whole, so the result is 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -200,6 +201,7 @@ def iso_cts(
     the top left/right singular vectors of ``sum_i C_i``; each input adds the top ``(d - c) / T`` singular
     vectors of ``C_i - U_c U_c^T C_i``; the concatenated U and V are replaced by their polar factors, every
     singular value by the mean of the concatenated ones, and ``dW = alpha Q_L U_perp (mean S) V_perp^T Q_R^T``.
+    Directions whose singular value is zero (arbitrary) are never added.
     Returns (B, A) float64.
     """
     op = "iso_cts"
@@ -218,13 +220,18 @@ def iso_cts(
     common = d - round((d - common) / t) * t
     per_task = (d - common) // t
     u, s, vh = torch.linalg.svd(sum(cores[1:], cores[0]), full_matrices=False)
-    us, ss, vhs = [u[:, :common]], [s[:common]], [vh[:common]]
+    # Directions with a zero singular value are arbitrary (any orthonormal completion would do) and carry no
+    # input: they are not added, neither to the common part nor from an input whose residual vanishes.
+    tol = max([float(torch.linalg.matrix_norm(c, 2)) for c in cores] + [float(s[0])]) * max(m, n) * _EPS32
+    c_dim = min(common, int((s > tol).sum()))
+    us, ss, vhs = [u[:, :c_dim]], [s[:c_dim]], [vh[:c_dim]]
     proj = torch.eye(u.shape[0], dtype=u.dtype) - us[0] @ us[0].T
     for c in cores:
         ui, si, vhi = torch.linalg.svd(proj @ c, full_matrices=False)
-        us.append(ui[:, :per_task])
-        ss.append(si[:per_task])
-        vhs.append(vhi[:per_task])
+        keep = min(per_task, int((si > tol).sum()))
+        us.append(ui[:, :keep])
+        ss.append(si[:keep])
+        vhs.append(vhi[:keep])
     u_perp = polar(torch.cat(us, 1))
     v_perp = polar(torch.cat(vhs, 0).T)
     mean = float(torch.cat(ss).mean())
@@ -249,29 +256,56 @@ def joint_svd(factors: Factors) -> tuple[torch.Tensor, list[torch.Tensor]]:
     if bcat.shape[1] == 0:
         return bcat.new_zeros(m, 0), [bcat.new_zeros(0, n) for _ in fs]
     q, r = torch.linalg.qr(bcat)
-    qs, blocks, start = [], [], 0
-    mid = torch.zeros_like(r)
-    for _, a in fs:
+    qs, cols, start = [], [], 0
+    for _, a in fs:  # A_i^T = Q_i R_i, Q_i is n x k_i with k_i = min(n, r_i)
         ri = a.shape[0]
         if ri:
             qi, rri = torch.linalg.qr(a.T)
-            mid[:, start : start + ri] = r[:, start : start + ri] @ rri.T
             qs.append(qi)
+            cols.append(r[:, start : start + ri] @ rri.T)
         else:
             qs.append(None)
         start += ri
-    u, s, vh = torch.linalg.svd(mid, full_matrices=False)
+    u, s, vh = torch.linalg.svd(torch.cat(cols, 1), full_matrices=False)
     rho = numerical_rank(s, m, len(fs) * n)
     u, s, vh = u[:, :rho], s[:rho], vh[:rho]
-    start = 0
-    for (_, a), qi in zip(fs, qs):
-        ri = a.shape[0]
-        blocks.append(s[:, None] * (vh[:, start : start + ri] @ qi.T) if ri else a.new_zeros(rho, n))
-        start += ri
+    blocks, start = [], 0
+    for qi in qs:
+        if qi is None:
+            blocks.append(u.new_zeros(rho, n))
+            continue
+        ki = qi.shape[1]
+        blocks.append(s[:, None] * (vh[:, start : start + ki] @ qi.T))
+        start += ki
     return q @ u, blocks
 
 
 _KNOTS_MERGES = ("ties", "dare_ties")
+
+
+def _knots_model_wide(p: Mapping[str, Any]) -> bool:
+    return p["topk"] == "model"
+
+
+def _knots_check(p: Mapping[str, Any]) -> None:
+    if p["topk"] == "model" and p["merge"] != "ties":
+        raise ParameterError("knots: topk=model is the top-k of merge=ties (dare_ties drops at random)")
+
+
+def _knots_collect(factors: Factors, weights: Sequence[float] | None = None, **_: Any) -> list[np.ndarray]:
+    """Each input's |S V_i^T| entries (float32, as the merge will see them), for the model-wide top-k."""
+    _, blocks = joint_svd([(b.double(), a.double()) for b, a in factors])
+    return [np.abs(x.float().numpy()).reshape(-1) for x in blocks]
+
+
+def _knots_combine(stats: Sequence[list[np.ndarray]], *, density: Sequence[float], **_: Any) -> list[list[Any]]:
+    """One exact top-k per input over every module (the paper's model-wide top-k): per module, each input's
+    selection."""
+    n_inputs = len(stats[0]) if stats else 0
+    per_input = [
+        ops.model_topk_selections([s[i] for s in stats], density[i], f"knots: input {i}") for i in range(n_inputs)
+    ]
+    return [[per_input[i][j] for i in range(n_inputs)] for j in range(len(stats))]
 
 
 @operator(
@@ -281,8 +315,11 @@ _KNOTS_MERGES = ("ties", "dare_ties")
         Param("density", float, 1.0, "fraction of each input's S V_i^T entries kept (ties: by magnitude, "
               "dare_ties: at random); one value or one per input", low=0.0, high=1.0, low_inclusive=False,
               per_input=True),
+        Param("topk", str, "module", "merge=ties: where each input's top-k is taken: per module, or over the whole "
+              "model (the paper's)", choices=("module", "model")),
         ops.MAJORITY, ops.RESCALE, ops.NORMALIZE_TIES, ops.SCALE, ops.SEED,
     ),
+    check=_knots_check, model_wide=_knots_model_wide, collect=_knots_collect, combine=_knots_combine,
     summary="KnOTS: joint SVD of the deltas, TIES or DARE-TIES on the per-input S V_i^T blocks, dW = U merged",
     note="default density 1.0 (the reference repository's LoRA setting, topK 100); rescale applies to dare_ties",
 )
@@ -292,24 +329,36 @@ def knots(
     *,
     merge: str,
     density: float | Sequence[float],
+    topk: str,
     majority_sign: str,
     rescale: bool,
     normalize: bool,
     scale: float,
     seed: int,
+    context: Sequence[Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """KnOTS (Stoica et al. 2025, arXiv:2410.19735): ``[dW_1 | ... | dW_T] = U S [V_1^T ... V_T^T]`` (joint SVD,
     :func:`joint_svd`); ``ops.ties`` (or ``ops.dare_ties``) on the blocks ``S V_i^T`` with the weights and
-    parameters given; result ``U @ merged``. Returns (B, A) float64."""
+    parameters given; result ``U @ merged``. With ``topk="model"`` the engine passes ``context``: each input's
+    trim selection from one top-k over the whole model. Returns (B, A) float64."""
     op = "knots"
     fs, w, m, n = _check_factors(op, factors, weights)
     ops.check_choice(op, "merge", merge, _KNOTS_MERGES)
+    ops.check_choice(op, "topk", topk, ("module", "model"))
+    if topk == "model" and context is None:
+        raise ParameterError(f"{op}: topk=model needs every module's statistics: merge with the engine "
+                             "(adaptermerge.merge), which makes a first pass over the model")
     u, blocks = joint_svd(fs)
     if u.shape[1] == 0:
         return u, u.new_zeros(0, n)
     tensors = [x.float() for x in blocks]
     if merge == "ties":
-        merged = ops.ties(tensors, w, density=density, majority_sign=majority_sign, normalize=normalize, scale=scale)
+        if topk == "model":
+            merged = ops.ties_selected(tensors, w, context, majority_sign=majority_sign, normalize=normalize,
+                                       scale=scale)
+        else:
+            merged = ops.ties(tensors, w, density=density, majority_sign=majority_sign, normalize=normalize,
+                              scale=scale)
     else:
         merged = ops.dare_ties(tensors, w, density=density, majority_sign=majority_sign, rescale=rescale,
                                normalize=normalize, scale=scale, seed=seed)

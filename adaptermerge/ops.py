@@ -774,6 +774,42 @@ def ties(
     return _result(inputs, _ties_terms(terms, [abs(x) for x in w], inputs.numel, sign_rule, norm, lam))
 
 
+def model_topk_selections(magnitudes: Sequence[np.ndarray], density: float, what: str) -> list[_Selection]:
+    """Exact top-k over the concatenation of several flat float32 arrays (``k = density_to_k(density, total)``;
+    ties at the threshold by position in the concatenation), returned as one selection per array. This is the
+    model-wide top-k of KnOTS' TIES: one threshold per input over every module."""
+    flat = np.concatenate([x.reshape(-1) for x in magnitudes]) if magnitudes else np.empty(0, np.float32)
+    sel = _select_topk(flat, density_to_k(density, flat.size), _Workspace(flat.size), what)
+    out, start = [], 0
+    for x in magnitudes:
+        out.append(_Selection(t=sel.t, cut=min(max(sel.cut - start, 0), x.size)))
+        start += x.size
+    return out
+
+
+def ties_selected(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float] | None,
+    selections: Sequence[_Selection],
+    *,
+    majority_sign: str = "total",
+    normalize: bool = True,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """:func:`ties` with the trim step's selections given (one per input, e.g. from
+    :func:`model_topk_selections`) instead of each input's own top-k."""
+    op = "ties"
+    inputs = _prepare(op, tensors)
+    w = check_weights(op, weights, len(inputs.flats))
+    if len(selections) != len(inputs.flats):
+        raise ParameterError(f"{op}: got {len(selections)} selections for {len(inputs.flats)} tensors")
+    sign_rule = check_choice(op, "majority_sign", majority_sign, _MAJORITY_SIGNS)
+    norm = check_bool(op, "normalize", normalize)
+    lam = check_scalar(op, "scale", scale)
+    terms = [_TopKTerm(f, wi, sel) for f, wi, sel in zip(inputs.flats, w, selections)]
+    return _result(inputs, _ties_terms(terms, [abs(x) for x in w], inputs.numel, sign_rule, norm, lam))
+
+
 @operator(
     "magnitude_prune", form="dense", papers=(TIES_PAPER,),
     params=(_density(0.2, "kept by magnitude"), SCALE),

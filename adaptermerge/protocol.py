@@ -116,9 +116,12 @@ class Operator:
     concat: bool = False  # coefficients form: exact concatenation of the factors (rank = sum of ranks), no --rank
     check: Callable[[Mapping[str, Any]], None] | None = None  # cross-parameter constraints on resolved params
     note: str | None = None  # where the paper's recipe had to be adapted; shown by `adaptermerge methods --json`
-    model_wide: Callable[[Mapping[str, Any]], bool] | None = None  # needs a first pass over every module?
-    collect: Callable[..., Any] | None = None  # (factors, weights, **params) -> per-module statistics
-    combine: Callable[..., list[Any]] | None = None  # (list of statistics, **params) -> per-module context
+    # Operators whose result in one module depends on every module (KnOTS' model-wide top-k): when
+    # model_wide(params) is true, the engine first calls collect(factors, weights, **params) on every module, then
+    # combine(statistics of every module, **params) -> one context per module, passed to fn as `context=`.
+    model_wide: Callable[[Mapping[str, Any]], bool] | None = None
+    collect: Callable[..., Any] | None = None
+    combine: Callable[..., list[Any]] | None = None
 
     @property
     def paper(self) -> str:
@@ -191,7 +194,9 @@ def operator(
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(fn)
-        kwonly = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        # `context` (model-wide operators only) is the engine's per-module result of `combine`, not a parameter
+        kwonly = [p for p in sig.parameters.values()
+                  if p.kind is inspect.Parameter.KEYWORD_ONLY and not (p.name == "context" and model_wide)]
         declared = [p for p in all_params if p.target == "operator"]
         if [p.name for p in kwonly] != [p.name for p in declared]:
             raise TypeError(f"operator {name}: keyword-only arguments {[p.name for p in kwonly]} differ from the "
@@ -200,8 +205,7 @@ def operator(
             raise TypeError(f"operator {name}: declare defaults once, in the Param, not in the signature")
         defaults = {p.name: p.default for p in declared}
         new_params = [
-            p.replace(default=defaults[p.name]) if p.kind is inspect.Parameter.KEYWORD_ONLY else p
-            for p in sig.parameters.values()
+            p.replace(default=defaults[p.name]) if p.name in defaults else p for p in sig.parameters.values()
         ]
 
         @functools.wraps(fn)
