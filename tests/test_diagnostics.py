@@ -25,6 +25,7 @@ from adaptermerge.diagnostics import (
     wilson_interval,
 )
 from adaptermerge.errors import IncompatibleInputsError, ParameterError
+import dense_ref
 from conftest import PREFIX, read_deltas, write_adapter
 
 PAIRS3 = [(0, 1), (0, 2), (1, 2)]
@@ -301,14 +302,22 @@ def test_preview_ties_matches_the_merge_it_previews(trio, tmp_path):
     res = analyze(list(trio), seed=3, preview=spec)
     merge(list(trio), "ties", [1.0, 0.5, 1.0], density=0.5, rank=4, seed=3).save(tmp_path / "m")
     merged = read_deltas(tmp_path / "m")
+    # the reference: TIES written from the paper (tests/dense_ref.py), then its optimal rank-4 truncation
+    full = {k: dense_ref.ties([d[i][k] for i in range(3)], [1.0, 0.5, 1.0], density=0.5) for k in d[0]}
     for rec in res["modules"]:
-        want = ref_preview(merged, d, [mod_key(rec)])
+        key_ = mod_key(rec)
+        u, s, vh = torch.linalg.svd(full[key_], full_matrices=False)
+        optimal = {key_: (u[:, :4] * s[:4]) @ vh[:4]}
+        want = ref_preview(merged, d, [key_])  # what merge writes
+        ref = ref_preview(optimal, d, [key_])  # what TIES + the best rank-4 truncation give
         for key in want:
             assert rec["preview"][key] == pytest.approx(want[key], rel=1e-5, abs=1e-7)
+            assert rec["preview"][key] == pytest.approx(ref[key], rel=2e-2, abs=1e-3)  # randomized SVD ~ optimal
+        opt_err = float(s[4:].square().sum().sqrt() / s.square().sum().sqrt())
+        assert opt_err - 1e-6 <= rec["preview"]["rel_error"] <= opt_err * 1.01 + 1e-6
         assert rec["preview"]["rank"] == 4
-    # untruncated: the operator on the dense deltas
+    # untruncated: TIES on the dense deltas
     res = analyze(list(trio), preview={**spec, "rank": "full"})
-    full = {k: ops.ties([d[i][k] for i in range(3)], [1.0, 0.5, 1.0], density=0.5).double() for k in d[0]}
     want = ref_preview(full, d, sorted(d[0]))
     for key in want:
         assert res["overall"]["preview"][key] == pytest.approx(want[key], rel=1e-5)

@@ -44,11 +44,13 @@ def test_param_defaults_match_the_operator_signatures():
     for m in METHODS.values():
         sig = inspect.signature(m.fn)
         declared = {p.name: p.default for p in m.params if p.target == "operator"}
-        accepted = {k: v.default for k, v in sig.parameters.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
+        accepted = {k: v.default for k, v in sig.parameters.items()
+                    if v.kind is inspect.Parameter.KEYWORD_ONLY and k != "context"}  # context: model-wide ops' pass
         assert declared == accepted, m.name
+        assert ("context" in sig.parameters) == (m.model_wide is not None)
         assert inspect.signature(inspect.unwrap(m.fn)).parameters.keys() == sig.parameters.keys()
-        assert all(v.default is inspect.Parameter.empty for v in inspect.signature(inspect.unwrap(m.fn)).parameters.values()
-                   if v.kind is inspect.Parameter.KEYWORD_ONLY), m.name
+        assert all(v.default is inspect.Parameter.empty for k, v in inspect.signature(inspect.unwrap(m.fn)).parameters.items()
+                   if v.kind is inspect.Parameter.KEYWORD_ONLY and k != "context"), m.name
 
 
 def test_a_default_written_twice_is_refused():
