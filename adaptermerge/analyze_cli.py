@@ -309,7 +309,8 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
 def analyze(
     inputs: list[str] = typer.Argument(..., help="Adapters to compare: PEFT adapter directories or .safetensors files.", show_default=False),
     json_out: bool = typer.Option(False, "--json", help="Print every number as JSON on stdout (no table)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a picture (.png, .svg, .pdf, ...; replaced if it exists): pairwise cosine heatmap and per-layer sign conflicts (needs matplotlib)."),
+    plot: Optional[Path] = typer.Option(None, "--plot",
+        help="Write a picture (.png, .svg, .pdf, ...; replaced if it exists): pairwise cosine heatmap and per-layer sign conflicts (needs matplotlib)."),
     top_k_fraction: float = typer.Option(0.2, "--top-k-fraction", help="Entries that matter for sign conflicts: each delta's top fraction by magnitude, in (0, 1]."),
     samples: int = typer.Option(32768, "--samples", help="Entries sampled per module for the sign statistics (smaller modules are enumerated exactly)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the entry sample, the preview's module sample and the preview merge (as merge --seed)."),

@@ -51,7 +51,7 @@ from .lowrank import concat_factors, full_rank_factors, truncate_dense, truncate
 from .factorops import core_space
 from .protocol import Operator
 from .registry import resolve
-from .safetensors_io import SafetensorsWriter, gib, memory_limit_bytes, read_tensor
+from .safetensors_io import SafetensorsWriter, gib, memory_limit_bytes
 
 RankSpec = int | Literal["full"] | None
 Progress = Callable[[int, int, str], None]
