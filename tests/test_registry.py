@@ -234,3 +234,15 @@ def test_param_range_text():
     assert P("x", float, 0.0, "h").range_text() is None
     assert P("x", float, 0.0, "h", low=0.0).range_text() == "[0, inf)"
     assert P("x", float, 0.0, "h", high=2.5, high_inclusive=False).range_text() == "(-inf, 2.5)"
+
+
+def test_architecture_doc_shows_the_real_code_of_an_operator():
+    """docs/architecture.md shows iso_c's declaration and function as they are in the source."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "architecture.md").read_text()
+    block = doc.split("## Adding an operator", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    source = (root / "adaptermerge" / "factorops.py").read_text()
+    for part in block.split("\n\n\n"):
+        assert part.strip() in source, part[:80]
