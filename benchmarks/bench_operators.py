@@ -15,7 +15,7 @@ round to the next, so a machine whose load drifts affects both alike. PEFT is no
     git archive <baseline-rev> adaptermerge | tar -x -C /tmp/am-baseline     # the baseline's package
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_operators.py --baseline /tmp/am-baseline --rounds 3
 
-Prints a markdown table (medians over the rounds, ratios) and writes ``results.json`` under the work dir.
+Prints a markdown table (medians over the rounds, ratios) and writes ``results-<only>.json`` under the work dir.
 """
 
 from __future__ import annotations
@@ -79,6 +79,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/am-bench-ops"))
+    ap.add_argument("--only", choices=("all", "existing", "new"), default="all",
+                    help="existing: baseline vs current of the existing operators only; new: current's new scenarios and "
+                         "the linear / ties references they are compared with")
     args = ap.parse_args()
     if not (args.baseline / "adaptermerge" / "__init__.py").exists():
         raise SystemExit(f"--baseline {args.baseline}: no adaptermerge package there")
@@ -89,17 +92,19 @@ def main() -> None:
     envs = {"baseline": {**env, "PYTHONPATH": str(args.baseline)}, "current": {**env, "PYTHONPATH": here}}
     uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     runs: list[dict[str, Any]] = []
+    existing = EXISTING if args.only != "new" else [EXISTING[0], EXISTING[2]]  # linear and ties: the references
+    new = NEW if args.only != "existing" else []
     for r in range(args.rounds):
         order = ("baseline", "current") if r % 2 == 0 else ("current", "baseline")
-        for method, margs in EXISTING:
+        for method, margs in existing:
             for version in order:
                 runs.append(run(version, method, margs, inputs, args.workdir / "out" / version, envs[version]))
                 print(json.dumps({k: v for k, v in runs[-1].items() if k != "cmd"}), flush=True)
-        for method, margs in NEW:
+        for method, margs in new:
             runs.append(run("current", method, margs, inputs, args.workdir / "out" / "current", envs["current"]))
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "cmd"}), flush=True)
     uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    (args.workdir / "results.json").write_text(json.dumps(
+    (args.workdir / f"results-{args.only}.json").write_text(json.dumps(
         {"runs": runs, "uptime_before": uptime_before, "uptime_after": uptime_after, "threads": threads}, indent=1))
 
     def med(version: str, method: str, margs: list[str], key: str = "wall_s") -> float:
@@ -109,15 +114,17 @@ def main() -> None:
     print(f"\n{args.rounds} rounds, OMP_NUM_THREADS={threads}; before: {uptime_before}; after: {uptime_after}\n")
     print("| operator | baseline wall (s) | current wall (s) | current / baseline | merge s, baseline -> current |")
     print("|---|---|---|---|---|")
-    for method, margs in EXISTING:
+    for method, margs in existing:
         b, c = med("baseline", method, margs), med("current", method, margs)
         bm, cm = med("baseline", method, margs, "merge_s"), med("current", method, margs, "merge_s")
         print(f"| {label(method, margs)} | {b:.2f} | {c:.2f} | {c / b:.2f} | {bm:.2f} -> {cm:.2f} |")
+    if not new:
+        return
     lin = med("current", "linear", ["--rank", str(RANK)])
     ties_full = med("current", "ties", ["--density", f"{DENSITY:g}", "--rank", str(RANK)])
     print("\n| operator (current) | wall (s) | / linear --rank 16 | full-space ties / this | output ranks | max rel. error |")
     print("|---|---|---|---|---|---|")
-    for method, margs in NEW:
+    for method, margs in new:
         c = med("current", method, margs)
         last = next(x for x in reversed(runs) if x["method"] == method and x["args"] == margs)
         print(f"| {label(method, margs)} | {c:.2f} | {c / lin:.2f} | {ties_full / c:.1f} | "
