@@ -21,10 +21,11 @@ try:  # typer >= 0.16 vendors its own copy of click; its exceptions are the ones
 except ImportError:  # pragma: no cover - older typer on the real click
     from click import exceptions as click_exc
 from rich.console import Console
+from rich.box import ROUNDED as ROUNDED_BOX
 from rich.table import Table
 
 from .cliparse import floats as _floats, one_or_many, operator_params
-from .errors import AdapterMergeError, InputError, ParameterError
+from .errors import AdapterMergeError, InputError, ParameterError, cli_wording
 
 app = typer.Typer(
     name="adaptermerge",
@@ -39,7 +40,7 @@ err = Console(stderr=True, soft_wrap=True)
 
 CONFIG_KEYS = {
     "inputs", "method", "weights", "params", "rank", "seed", "svd", "svd_niter", "svd_oversample", "dtype",
-    "output", "force", "extra_tensors", "allow_nonfinite", "alpha", "warn_loss",
+    "output", "force", "extra_tensors", "allow_nonfinite", "allow_disjoint", "alpha", "warn_loss",
 }
 INPUT_KEYS = {"path", "weight", "alpha"}  # plus every per-input operator parameter (per_input_params())
 
@@ -126,8 +127,12 @@ def _expand_inputs(cfg: dict[str, Any], base: Path) -> tuple[list[str], list[flo
 
 
 def _widen(console: Console) -> None:
-    """Piped or captured output: do not squeeze tables to 80 columns."""
-    if not console.is_terminal:
+    """Fit the terminal: $COLUMNS when set (read at each command, like other tools), else the terminal's width;
+    piped or captured output without $COLUMNS is not squeezed to 80 columns."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        console.width = int(columns)
+    elif not console.is_terminal:
         console.width = 200
 
 
@@ -181,6 +186,7 @@ def merge(
     extra_tensors: Optional[str] = typer.Option(None,
         help="Non-LoRA tensors (modules_to_save, ...): identical (default: copy only if identical in all inputs, else error) or first (copy from the first input)."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge inputs that contain NaN/Inf instead of refusing them."),
+    allow_disjoint: bool = typer.Option(False, "--allow-disjoint", help="Accept an input that shares no module with the others (refused by default: usually adapters of different models)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing output."),
     config: Optional[Path] = typer.Option(None, "--config", "-c",
         help="A YAML/TOML/JSON file with the same options (inputs with per-input weight/density/alpha, method, params, ...). Command-line options override it."),
@@ -189,11 +195,12 @@ def merge(
 ) -> None:
     """Merge LoRA adapters into one LoRA adapter (a PEFT directory, or one .safetensors file).
 
-    Element-wise methods act on each module's delta scale*B@A (never on A and B separately) and are truncated
-    back to low rank with a seeded randomized SVD; linear methods are merged exactly in low-rank form.
+    Element-wise methods act on each module's delta scale*B@A (never on A and B separately) and are truncated back to low rank with a seeded randomized SVD, or run exactly in Core Space with -p space=core; linear and SVD-family methods (tsv_m, iso_c, iso_cts, knots) are computed exactly in low-rank form, at the sum of the input ranks by default.
+
+    A folder output also gets a README.md that tells in words what was merged, how, and how faithful the result is. Inputs that share no module with the others are refused unless --allow-disjoint.
 
     Example: adaptermerge merge a/ b/ c.safetensors --method ties --weights 0.5,0.3,0.2 --density 0.5 --rank 16 -o merged/
-    """
+    """  # help paragraphs are one line each: the help renderer keeps line breaks, so a wrapped source line would break mid-sentence
     from .adapter import check_output_path, load_adapter
     from .engine import DEFAULT_WARN_LOSS, MergeLossWarning, MergeRequest, merge_to, retain_freed_memory
 
@@ -222,6 +229,7 @@ def merge(
         "dtype": dtype or cfg.get("dtype"),
         "extra_tensors": extra_tensors or cfg.get("extra_tensors", "identical"),
         "warn_loss": warn_loss if warn_loss is not None else cfg.get("warn_loss", DEFAULT_WARN_LOSS),
+        "allow_disjoint": allow_disjoint or bool(cfg.get("allow_disjoint", False)),
     }
     # 1. every option, once, before any file is opened
     request = MergeRequest.build(method_name, len(paths), w, params, **opts)
@@ -260,7 +268,7 @@ def _print_merge_summary(s: dict[str, Any]) -> None:
         t.add_column(col)
     for inp, w in zip(s["inputs"], s["weights"]):
         t.add_row(inp["name"], f"{w:g}", str(inp["modules"]), ",".join(map(str, inp["ranks"])), inp["dtype"])
-    err.print(t)
+    err.print(t, soft_wrap=False)
     ranks = sorted({m["rank"] for m in s["modules"].values()})
     err.print(
         f"{s['n_modules']} modules, output rank {','.join(map(str, ranks))}, dtype {s['output_dtype']}; "
@@ -289,7 +297,7 @@ def inspect(
 
     a = load_adapter(path, alpha=alpha, require_alpha=False)
     rows = []
-    for m in a.modules.values():
+    for m in sorted(a.modules.values(), key=lambda m: natural_key(m.name)):  # layers 0, 1, 2, ..., 10, not 0, 1, 10
         b, aa = a.factors(m.name, check_finite=False)
         rows.append({
             "module": m.name, "kind": m.kind, "shape": list(m.shape), "rank": m.rank, "alpha": m.alpha,
@@ -305,12 +313,16 @@ def inspect(
         return
     _widen(out)
     t = Table(title=f"{path}  ({len(rows)} modules, sha256 {info['sha256'][:12]}…)")
+    longest = max((len(r["module"].removeprefix("base_model.model.")) for r in rows), default=6)
     for col in ("module", "kind", "shape", "rank", "alpha", "scale", "dtype", "‖ΔW‖_F"):
-        t.add_column(col, justify="right" if col not in ("module", "kind", "dtype") else "left")
+        if col == "module":  # whole names (q_proj vs v_proj), folded rather than cut on a very narrow terminal
+            t.add_column(col, width=min(longest, max(20, out.width - 60)), overflow="fold")
+        else:
+            t.add_column(col, justify="right" if col not in ("kind", "dtype") else "left", overflow="fold")
     for r in rows:
         t.add_row(r["module"].removeprefix("base_model.model."), r["kind"], "x".join(map(str, r["shape"])), str(r["rank"]),
                   f"{r['alpha']:g}", f"{r['scale']:.4g}", r["dtype"], f"{r['delta_norm']:.4g}")
-    out.print(t)
+    out.print(t, soft_wrap=False)
     out.print("config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
     if a.extras:
         out.print(f"non-LoRA tensors: {', '.join(sorted(a.extras))}")
@@ -331,21 +343,37 @@ def methods(json_out: bool = typer.Option(False, "--json", help="Print machine-r
         out.print_json(json.dumps(info))
         return
     _widen(out)
-    t = Table(show_lines=True)
-    for col in ("method", "form", "parameters", "reference"):
-        t.add_column(col)
+    render_methods(info, out)
+
+
+def render_methods(info: list[dict[str, Any]], console: Console) -> None:
+    """The methods as a two-column table that fits ``console.width`` (>= 60 columns): the name and form on the left;
+    on the right what the method does, its parameters one per line, and each paper with its link (and reference
+    code) on a line of its own. Text wraps at spaces and long words fold, so nothing is cut off with an ellipsis."""
+    from rich.markup import escape
+    from rich.text import Text
+
+    name_width = max(len(m["name"]) for m in info) if info else 6
+    width = min(console.width, 120)
+    t = Table(show_lines=True, width=width, box=None if width < 60 else ROUNDED_BOX, padding=(0, 1))
+    t.add_column("method", no_wrap=True, min_width=name_width, max_width=name_width)
+    t.add_column("what it does · parameters (default, allowed) · paper", overflow="fold", ratio=1)
     for m in info:
-        ps = []
+        lines = [escape(m["summary"])]
         for p in m["params"]:
             rng = p.get("choices") or p.get("range")
-            ps.append(f"{p['name']}={p['default']!r}" + (f" {rng}" if rng else "") + (" (per input)" if p.get("per_input") else ""))
-        t.add_row(f"[bold]{m['name']}[/]\n{m['summary']}", m["form"], "\n".join(ps) or "-", "\n".join(
-            f"{p['citation']}, {p['url']}" + (f" (code: github.com/{p['repo']})" if p["repo"] else "") for p in m["papers"]))
-    out.print(t)
+            lines.append(f"  [cyan]{escape(p['name'])}[/]={escape(repr(p['default']))}" + (f" {escape(str(rng))}" if rng else "")
+                         + (" (one per input allowed)" if p.get("per_input") else ""))
+        for paper in m["papers"]:
+            lines.append(f"[dim]{escape(paper['citation'])}[/]")
+            code = f" · code: github.com/{paper['repo']}" if paper["repo"] else ""
+            lines.append(f"[dim]{escape(paper['url'] + code)}[/]")
+        t.add_row(Text.assemble((m["name"], "bold"), "\n", (m["form"], "dim")), "\n".join(lines))
+    console.print(t, soft_wrap=False)
 
 
 # ------------------------------------------------------------------------------------------------ analyze
-from .analyze_cli import analyze as _analyze  # noqa: E402  (typer/rich/stdlib only at import time)
+from .analyze_cli import analyze as _analyze, natural_key  # noqa: E402  (typer/rich/stdlib only at import time)
 
 app.command(name="analyze")(_analyze)
 
@@ -382,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     _load_plugins()
     cmd = typer.main.get_command(app)
     try:
-        cmd.main(args=argv, prog_name="adaptermerge", standalone_mode=False)
+        with cli_wording():  # messages name options as flags (--force), not keyword arguments (force=True)
+            cmd.main(args=argv, prog_name="adaptermerge", standalone_mode=False)
     except AdapterMergeError as e:
         err.print(f"error: {e}", highlight=False, markup=False)
         return e.exit_code

@@ -380,7 +380,7 @@ def _prepare_preview(
 
     p = check_preview(spec, len(adapters), seed)
     req = MergeRequest.build(p.method, len(adapters), p.weights, dict(p.params), rank=p.rank, seed=seed,
-                             extra_tensors="first")
+                             extra_tensors="first", allow_disjoint=True)
     return p, plan(list(adapters), req)
 
 

@@ -46,7 +46,7 @@ from .adapter import (
     load_adapter,
     resolve_output_dtype,
 )
-from .errors import IncompatibleInputsError, InputError, OutputError, ParameterError
+from .errors import IncompatibleInputsError, InputError, OutputError, ParameterError, option
 from .lowrank import concat_factors, full_rank_factors, truncate_dense, truncate_factors
 from .factorops import core_space
 from .protocol import Operator
@@ -92,6 +92,7 @@ class MergeRequest:
     dtype: str | None = None
     extra_tensors: str = "identical"
     warn_loss: float = DEFAULT_WARN_LOSS
+    allow_disjoint: bool = False
 
     @property
     def method(self) -> Operator:
@@ -123,6 +124,7 @@ class MergeRequest:
         dtype: str | None = None,
         extra_tensors: str = "identical",
         warn_loss: float = DEFAULT_WARN_LOSS,
+        allow_disjoint: bool = False,
     ) -> "MergeRequest":
         """Check every option of a merge without touching any file; ParameterError naming the option otherwise."""
         if isinstance(n_inputs, bool) or not isinstance(n_inputs, int) or n_inputs < 1:
@@ -148,11 +150,13 @@ class MergeRequest:
         if (isinstance(warn_loss, bool) or not isinstance(warn_loss, (int, float)) or not math.isfinite(warn_loss)
                 or not 0 <= warn_loss <= 1):
             raise ParameterError(f"warn_loss must be a number in [0, 1] (1 = never warn), got {warn_loss!r}")
+        if not isinstance(allow_disjoint, bool):
+            raise ParameterError(f"allow_disjoint must be true or false, got {allow_disjoint!r}")
         frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in p.items()}
         return cls(
             operator=m, n_inputs=n_inputs, weights=tuple(w), params=MappingProxyType(frozen), rank=rank, seed=seed,
             svd=svd, svd_niter=svd_niter, svd_oversample=svd_oversample, dtype=dtype, extra_tensors=extra_tensors,
-            warn_loss=float(warn_loss),
+            warn_loss=float(warn_loss), allow_disjoint=allow_disjoint,
         )
 
 
@@ -201,6 +205,18 @@ def retain_freed_memory() -> bool:
     return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1)) == 1
 
 
+def _opt_extra_first() -> str:
+    return option("--extra-tensors first", "extra_tensors='first'")
+
+
+def _opt_method_cat() -> str:
+    return option("--method cat", "method='cat'")
+
+
+def _opt_rank_full() -> str:
+    return option("--rank full", "rank='full'")
+
+
 def validate_options(
     method: str,
     n_inputs: int,
@@ -230,6 +246,8 @@ def plan(
     req = _request(method, len(adapters), weights, options)
     m, rank = req.operator, req.rank
     names = sorted({n for a in adapters for n in a.modules})
+    if not req.allow_disjoint:
+        _check_overlap(adapters, m, req.params)
     max_rank = max(mod.rank for a in adapters for mod in a.modules.values())
     modules: list[ModulePlan] = []
     notes: list[str] = []
@@ -280,7 +298,40 @@ def _request(method: "str | MergeRequest", n_inputs: int, weights: Any, options:
     return MergeRequest.build(method, n_inputs, weights, options, **{k: v for k, v in opts.items() if v is not None})
 
 
-_REQUEST_OPTIONS = ("rank", "seed", "svd", "svd_niter", "svd_oversample", "dtype", "extra_tensors", "warn_loss")
+_REQUEST_OPTIONS = ("rank", "seed", "svd", "svd_niter", "svd_oversample", "dtype", "extra_tensors", "warn_loss",
+                    "allow_disjoint")
+
+
+def _check_overlap(adapters: Sequence[Adapter], method: Operator, params: Mapping[str, Any]) -> None:
+    """Refuse inputs that share no module with the others: such a "merge" combines nothing, and under linear's
+    default normalisation it silently shrinks every module by its weight share. It is almost always a mistake
+    (adapters of different base models, or of different target modules); ``allow_disjoint`` says it is not."""
+    if len(adapters) < 2:
+        return
+    counts: dict[str, int] = {}
+    for a in adapters:
+        for n in a.modules:
+            counts[n] = counts.get(n, 0) + 1
+    alone = [a for a in adapters if not any(counts[n] > 1 for n in a.modules)]
+    if not alone:
+        return
+    flag = option("--allow-disjoint", "allow_disjoint=True")
+    shrink = (f"; with {method.name}'s normalisation each module would also be scaled by its input's weight share"
+              if method.form == "coefficients" and params.get("normalize") else "")
+    if len(alone) == len(adapters):
+        sizes = ", ".join(f"{a.name}: {len(a.modules)}" for a in adapters)
+        first = [next(iter(sorted(a.modules)), "-").removeprefix("base_model.model.") for a in adapters[:2]]
+        raise IncompatibleInputsError(
+            f"the inputs have no module in common (modules per input: {sizes}; e.g. '{first[0]}' only in "
+            f"{adapters[0].name}, '{first[1]}' only in {adapters[1].name}), so there is nothing to merge: each output "
+            f"module would be one input's module{shrink}. Adapters for different base models or target modules? "
+            f"To put them into one adapter anyway, pass {flag}"
+        )
+    raise IncompatibleInputsError(
+        f"{', '.join(a.name for a in alone)} {'shares' if len(alone) == 1 else 'share'} no module with the other "
+        f"inputs, so {'it' if len(alone) == 1 else 'they'} would not be merged with anything{shrink}. Adapters for "
+        f"another base model or other target modules? To merge anyway, pass {flag}"
+    )
 
 
 def _plan_extras(adapters: Sequence[Adapter], policy: str) -> dict[str, tuple[int, str]]:
@@ -305,7 +356,7 @@ def _plan_extras(adapters: Sequence[Adapter], policy: str) -> dict[str, tuple[in
         if not same:
             raise IncompatibleInputsError(
                 f"non-LoRA tensor '{key}' (e.g. modules_to_save or trainable tokens) is not identical in every input; "
-                f"full weights cannot be merged as deltas: pass --extra-tensors first (extra_tensors='first') to copy "
+                f"full weights cannot be merged as deltas: pass {_opt_extra_first()} to copy "
                 f"it from the first input that has it"
             )
         out[key] = (holders[0], "identical in every input that has it" if base_copy else "identical in every input")
@@ -460,7 +511,8 @@ def _merge_module_checked(p: ModulePlan, mp: MergePlan, adapters: Sequence[Adapt
                     else "the SVD back to low rank needs")
             raise InputError(
                 f"module '{p.name}': method '{mp.method.name}' cannot merge the NaN/Inf values of {bad_factors[0]} "
-                f"(allowed by --allow-nonfinite): {step} finite values; use --method cat, or a linear method with --rank full"
+                f"(allowed by {option('--allow-nonfinite', 'allow_nonfinite=True')}): {step} finite values; use "
+                f"{_opt_method_cat()}, or a linear method with {_opt_rank_full()}"
             ) from None
         if isinstance(e, torch.linalg.LinAlgError) and biggest > 1e30:  # finite, but the float32 SVD overflows
             raise InputError(
@@ -481,7 +533,7 @@ def _cast_checked(name: str, key: str, t: torch.Tensor, dtype: torch.dtype, chec
         biggest = float(t.abs().max())
         raise OutputError(
             f"module '{name}': merged '{key}' holds values up to {biggest:.3g}, which do not fit "
-            f"{str(dtype).removeprefix('torch.')} (max {torch.finfo(dtype).max:.3g}); use --dtype float32 or bfloat16"
+            f"{str(dtype).removeprefix('torch.')} (max {torch.finfo(dtype).max:.3g}); use " + option("--dtype float32 or bfloat16", "dtype='float32' or 'bfloat16'")
         )
     return out
 
@@ -574,12 +626,12 @@ def loss_warning(mp: MergePlan, errors: Mapping[str, float]) -> str | None:
     errs = list(errors.values())
     ranks = sorted({p.out_rank for p in mp.modules})
     rank_text = ",".join(map(str, ranks)) if len(ranks) <= 3 else f"{ranks[0]}-{ranks[-1]}"
-    ways = ["a larger --rank"]
+    ways = [option("a larger --rank", "a larger rank")]
     if req.operator.form == "dense" and req.space == "full":
-        ways += ["--rank full (exact, dense factors)", "-p space=core (exact and low-rank)"]
+        ways += [f"{_opt_rank_full()} (exact, dense factors)", option("-p space=core", "space='core'") + " (exact and low-rank)"]
     elif req.rank is not None:
-        ways += ["no --rank (the default keeps this merge exact)"]
-    ways += ["--method cat (exact concatenation)"]
+        ways += [option("no --rank", "no rank") + " (the default keeps this merge exact)"]
+    ways += [f"{_opt_method_cat()} (exact concatenation)"]
     return (
         f"truncating to rank {rank_text} lost more than {req.warn_loss:.0%} of the merged delta in {len(over)} of "
         f"{len(errs)} modules (relative error max {max(errs):.2f}, mean {sum(errs) / len(errs):.2f}); keep more "
@@ -638,7 +690,7 @@ def _open_and_plan(adapters, method, weights, params, options) -> tuple[list[Ada
 
 
 _DEFAULTS = {"rank": None, "seed": 0, "svd": "randomized", "svd_niter": 2, "svd_oversample": 8, "dtype": None,
-             "extra_tensors": "identical", "warn_loss": DEFAULT_WARN_LOSS}
+             "extra_tensors": "identical", "warn_loss": DEFAULT_WARN_LOSS, "allow_disjoint": False}
 
 
 def _warn(summary: dict[str, Any]) -> None:
@@ -664,6 +716,7 @@ def merge(
     extra_tensors: Literal["identical", "first"] = "identical",
     warn_loss: float = DEFAULT_WARN_LOSS,
     allow_nonfinite: bool = False,
+    allow_disjoint: bool = False,
     progress: Progress | None = None,
     **params: Any,
 ) -> Adapter:
@@ -675,12 +728,13 @@ def merge(
     (rank <= sum of input ranks: linear and factor-form methods, ``space="core"``), else the largest input rank;
     ``"full"`` for an exact full-rank output. A truncation that loses more than ``warn_loss`` of a module's delta
     issues a :class:`MergeLossWarning` (also in ``summary["warnings"]``). The result's ``summary`` holds per-module
-    ranks and relative truncation errors; its metadata records the provenance. For outputs too large to hold in
-    memory use :func:`merge_to`.
+    ranks and relative truncation errors; its metadata records the provenance. Inputs that share no module with
+    the other inputs are refused unless ``allow_disjoint=True``. For outputs too large to hold in memory use
+    :func:`merge_to`.
     """
     t0 = time.perf_counter()
     options = dict(rank=rank, seed=seed, svd=svd, svd_niter=svd_niter, svd_oversample=svd_oversample, dtype=dtype,
-                   extra_tensors=extra_tensors, warn_loss=warn_loss)
+                   extra_tensors=extra_tensors, warn_loss=warn_loss, allow_disjoint=allow_disjoint)
     ads, mp = _open_and_plan(adapters, method, weights, params, options)
     tensors: dict[str, torch.Tensor] = {}
     out_modules, errors = _run(mp, ads, tensors.__setitem__, check_finite=not allow_nonfinite, progress=progress)
@@ -715,6 +769,7 @@ def merge_to(
     extra_tensors: Literal["identical", "first"] = "identical",
     warn_loss: float = DEFAULT_WARN_LOSS,
     allow_nonfinite: bool = False,
+    allow_disjoint: bool = False,
     progress: Progress | None = None,
     **params: Any,
 ) -> dict[str, Any]:
@@ -722,7 +777,7 @@ def merge_to(
     ``.safetensors``) so memory stays bounded by one module. The output appears atomically. Returns the summary."""
     t0 = time.perf_counter()
     options = dict(rank=rank, seed=seed, svd=svd, svd_niter=svd_niter, svd_oversample=svd_oversample, dtype=dtype,
-                   extra_tensors=extra_tensors, warn_loss=warn_loss)
+                   extra_tensors=extra_tensors, warn_loss=warn_loss, allow_disjoint=allow_disjoint)
     ads, mp = _open_and_plan(adapters, method, weights, params, options)
     inputs = [a.path for a in ads if a.path is not None]
     with OutputTarget(Path(output), force=force, inputs=inputs) as out:

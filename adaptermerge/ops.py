@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ParameterError
+from .errors import ParameterError, option
 from .protocol import Paper, Param, operator
 
 __all__ = [
@@ -657,7 +657,8 @@ def linear_coefficients(weights: Sequence[float], normalize: bool) -> list[float
         return [float(w) for w in weights]
     total = math.fsum(weights)
     if total == 0.0:
-        raise ParameterError("linear: the weights sum to 0, so they cannot be normalized (use normalize=false)")
+        raise ParameterError(f"linear: the weights sum to 0, so they cannot be normalized "
+                             f"(pass {option('--no-normalize', 'normalize=False')})")
     return [w / total for w in weights]
 
 

@@ -354,6 +354,30 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux: /proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-and-restore
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(fd_or_path: int | str | os.PathLike, *, directory: bool = False) -> None:
+    """Give an output made by mkstemp/mkdtemp (0600/0700) the mode any new file gets: 0666 & ~umask for files,
+    0777 & ~umask for folders, as cp, tar or torch.save would give it."""
+    mode = (0o777 if directory else 0o666) & ~current_umask()
+    if isinstance(fd_or_path, int):
+        os.fchmod(fd_or_path, mode)
+    else:
+        os.chmod(fd_or_path, mode)
+
+
 def _copy_file(src: BinaryIO, dst: BinaryIO, nbytes: int) -> None:
     """Append the first ``nbytes`` of ``src`` to ``dst`` (both flushed), in the kernel where it can
     (``copy_file_range``: no copy through Python, a reflink on file systems that have them), else chunk by chunk."""
@@ -421,6 +445,7 @@ class SafetensorsWriter:
         try:
             fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=".safetensors", dir=self.path.parent)
             self._final_tmp = Path(tmp)
+            apply_umask(fd)  # mkstemp makes 0600; the output is an ordinary file
             with os.fdopen(fd, "wb") as out:
                 out.write(head)
                 out.flush()

@@ -36,7 +36,7 @@ def test_merge_ties_end_to_end(tmp_path, capsys):
     summary = json.loads(stdout)
     assert summary["method"] == "ties" and summary["weights"] == [0.5, 0.3, 0.2]
     assert summary["params"]["density"] == [0.5, 0.5, 0.5]
-    assert set(listing(out)) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert set(listing(out)) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
     assert not [p for p in listing(tmp_path) if p.startswith(".adaptermerge-tmp")]
     got = read_deltas(out)
     assert len(got) == 5 and all(torch.linalg.matrix_rank(d) <= 4 for d in got.values())

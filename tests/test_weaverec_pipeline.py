@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -82,6 +83,14 @@ def test_report_has_every_row(finished_run):
     assert "WeaveRec - Target-only LoRA" in data["paired_differences"]
     md = (rdir / "report.md").read_text()
     assert "| WeaveRec |" in md and "Cold start" in md and "Inference cost" in md
+    assert "## Reading" in md and "![NDCG@10 by model](report.png)" in md
+    assert "load average" in md  # times in the report say under what load they were measured
+    # losses in the log have 4 significant digits, not a float's 17
+    train_lines = [line for line in finished_run[2] if line.startswith("train: ")]
+    assert train_lines
+    for line in train_lines:
+        loss = re.search(r"final loss ([0-9.]+),", line).group(1)
+        assert len(loss.replace(".", "").lstrip("0")) == 4, line
     # folding the merged delta into the base weights keeps the base model's size
     cost = data["inference_cost"]
     assert cost["WeaveRec"]["parameters"] == cost["Target-only LoRA"]["parameters"] == cost["Base model (zero-shot)"]["parameters"]
@@ -150,3 +159,65 @@ def test_shipped_configs_validate():
             assert req.operator.name == spec.method
         with pytest.raises(am.ParameterError):  # and the check is real: a wrong parameter is refused
             am.MergeRequest.build("ties", 2, None, {"densty": 0.5})
+
+
+def _summary(mean, half):
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": 25, "confidence": 0.95}
+
+
+def test_report_reading_legend_and_no_empty_buckets():
+    """The generated reading calls a difference significant only when p < 0.05 and its interval excludes 0; the
+    chart is linked with its colour legend; a cold-start bucket without users gets no column."""
+    from weaverec.report import _markdown
+
+    diff = lambda mean, lo, hi, p: {"NDCG@10": {"mean": mean, "low": lo, "high": hi, "p_value": p, "n": 25, "confidence": 0.95}}  # noqa: E731
+    report = {
+        "config": "quick", "target": "thriller", "sources": ["comedy"], "protocol": "likelihood", "n_test_users": 25,
+        "data": {"target_train": 64}, "kinds": {"Target-only LoRA": "llm", "WeaveRec": "llm", "SASRec (non-LLM)": "sasrec"},
+        "rows": {"Target-only LoRA": {"NDCG@10": _summary(0.30, 0.08)}, "WeaveRec": {"NDCG@10": _summary(0.33, 0.08)},
+                 "SASRec (non-LLM)": {"NDCG@10": _summary(0.70, 0.06)}},
+        "paired_differences": {"WeaveRec - Target-only LoRA": diff(0.03, -0.02, 0.08, 0.31),
+                               "WeaveRec - Naive model merging": diff(0.06, 0.01, 0.11, 0.01)},
+        "cold_start": {"metric": "NDCG@10", "buckets": ["<=3", "4-10", ">10"], "users_per_bucket": {"<=3": 0, "4-10": 11, ">10": 14},
+                       "rows": {"WeaveRec": {"<=3": None, "4-10": _summary(0.3, 0.1), ">10": _summary(0.35, 0.1)}}},
+        "inference_cost": {}, "module_cosine": None, "training": {}, "compute_seconds": 1.0,
+    }
+    md = _markdown(report, ["NDCG@10"], "NDCG@10", chart=True, results_doc="../../../docs/weaverec-results.md")
+    reading = md.split("## Reading")[1].split("##")[0]
+    assert "±0.073" in reading  # mean half-width of the three rows' intervals: (0.08 + 0.08 + 0.06) / 3
+    assert "WeaveRec - Target-only LoRA: +0.030 NDCG@10 [-0.020, +0.080], p = 0.31: not significant" in reading
+    assert "WeaveRec - Naive model merging: +0.060 NDCG@10 [+0.010, +0.110], p = 0.01: significant" in reading
+    assert "cannot rank the methods" in reading and "(../../../docs/weaverec-results.md)" in reading
+    assert "SASRec (non-LLM), 0.700) is above every LLM row" in reading
+    assert "![NDCG@10 by model](report.png)" in md and "red: WeaveRec" in md and "grey: no LoRA trained" in md
+    cold = md.split("## Cold start")[1]
+    header = cold.splitlines()[2]
+    assert header == "| model | 4-10 items (11 users) | >10 items (14 users) |"
+    assert "(0 users)" not in md and "left out: <=3 items" in cold
+
+
+def test_one_time_conversion_announces_itself(tmp_path, monkeypatch):
+    """The first use says what is converted, where it goes, its size and how to remove it; a reuse says nothing."""
+    from weaverec import llm
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"not really a gguf")
+
+    def fake_convert(src, out):
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"\0" * 3_000_000)
+        (out / "conversion.json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(llm, "smollm2_gguf_path", lambda: gguf)
+    monkeypatch.setattr(llm, "convert_gguf", fake_convert)
+    lines: list[str] = []
+    out = llm.resolve_base_model("smollm2-135m", tmp_path / "cache", log=lines.append)
+    assert out.parent == tmp_path / "cache" and (out / "model.safetensors").exists()
+    assert len(lines) == 2
+    assert "one-time conversion" in lines[0] and str(out) in lines[0] and "0.5 GB" in lines[0]
+    assert "3 MB" in lines[1] and f"rm -r {out}" in lines[1]
+    lines.clear()
+    assert llm.resolve_base_model("smollm2-135m", tmp_path / "cache", log=lines.append) == out
+    assert lines == []

@@ -139,17 +139,23 @@ def module_samples(cfg: RunConfig, prep: Prepared) -> dict[str, list[Sample]]:
     return mods
 
 
-def base_model_dir(cfg: RunConfig) -> Path:
+def base_model_dir(cfg: RunConfig, log: Log | None = None) -> Path:
     from .llm import resolve_base_model
 
-    return resolve_base_model(cfg.model.base, Path(os.path.expanduser(cfg.model.cache_dir)) if cfg.model.cache_dir else None)
+    cache = Path(os.path.expanduser(cfg.model.cache_dir)) if cfg.model.cache_dir else None
+    return resolve_base_model(cfg.model.base, cache, log=log)
+
+
+def _loss(x: float | None) -> str:
+    """A loss for the log: 4 significant digits (the full float is in train_log.json)."""
+    return "-" if x is None else f"{x:#.4g}"
 
 
 def train(cfg: RunConfig, prep: Prepared, *, only: Sequence[str] | None = None, log: Log = print, progress: bool = True) -> dict[str, Any]:
     """Train every module (or ``only`` these), skipping finished ones. Returns {module: TrainResult}."""
     from .train import train_lora
 
-    base = base_model_dir(cfg)
+    base = base_model_dir(cfg, log)
     tcfg = cfg.train_config()
     results = {}
     for name, samples in module_samples(cfg, prep).items():
@@ -157,10 +163,10 @@ def train(cfg: RunConfig, prep: Prepared, *, only: Sequence[str] | None = None, 
             continue
         out = cfg.run_dir / "modules" / name
         t0 = time.perf_counter()
-        res = train_lora(base, samples, out, tcfg, progress=progress)
+        res = train_lora(base, samples, out, tcfg, progress=progress, label=name)
         results[name] = res
         state = "reused" if res.resumed else f"trained in {time.perf_counter() - t0:.0f} s"
-        log(f"train: {name}: {len(samples)} samples, {res.steps} steps, final loss {res.final_loss}, {state}")
+        log(f"train: {name}: {len(samples)} samples, {res.steps} steps, final loss {_loss(res.final_loss)}, {state}")
     return results
 
 
@@ -241,7 +247,7 @@ def evaluate(cfg: RunConfig, prep: Prepared, *, log: Log = print, progress: bool
             continue
         t0 = time.perf_counter()
         if row["kind"] == "llm":
-            scores, extra = _score_llm(cfg, row, test, progress=progress)
+            scores, extra = _score_llm(cfg, row, test, progress=progress, log=log)
         elif row["kind"] == "sasrec":
             scores, extra = _score_sasrec(cfg, prep)
         else:
@@ -271,14 +277,14 @@ def evaluate(cfg: RunConfig, prep: Prepared, *, log: Log = print, progress: bool
     return results
 
 
-def _score_llm(cfg: RunConfig, row: dict, test: list[Sample], *, progress: bool):
+def _score_llm(cfg: RunConfig, row: dict, test: list[Sample], *, progress: bool, log: Log | None = None):
     import torch
 
     from . import metrics as M
     from .llm import count_parameters, load_for_eval, load_tokenizer
     from .scoring import generate_topk, measure_scoring_latency, score_candidates
 
-    base = base_model_dir(cfg)
+    base = base_model_dir(cfg, log)
     adapter = row["adapter"]
     if adapter is not None and not (Path(adapter) / "adapter_model.safetensors").exists():
         raise InputError(f"evaluate {row['name']!r}: {adapter} does not exist yet (run train/merge first)")
@@ -290,14 +296,14 @@ def _score_llm(cfg: RunConfig, row: dict, test: list[Sample], *, progress: bool)
     with torch.inference_mode():
         if cfg.eval.protocol == "generate":
             gens = generate_topk(model, tok, test, k=prompt.top_k, prompt=prompt, batch_size=cfg.eval.batch_size,
-                                 max_seq_len=max_len, progress=progress)
+                                 max_seq_len=max_len, progress=progress, label=row["name"])
             extra["per_user"] = M.metrics_from_generations(gens, [s.target_title for s in test])
             extra["generations"] = gens
             scores = None
         else:
             scores = score_candidates(model, tok, test, prompt=prompt, batch_size=cfg.eval.batch_size,
                                       max_rows=cfg.eval.max_rows, max_seq_len=max_len,
-                                      reduction=cfg.eval.reduction, progress=progress)
+                                      reduction=cfg.eval.reduction, progress=progress, label=row["name"])
         if cfg.eval.latency_users and len(test) > cfg.eval.latency_users:
             lat = measure_scoring_latency(model, tok, test[: cfg.eval.latency_users + 1], prompt=prompt, max_seq_len=max_len)
             extra["latency"] = lat.to_dict()

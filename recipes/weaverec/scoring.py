@@ -93,6 +93,13 @@ def _batches(n: int, size: int) -> Iterator[range]:
         yield range(start, min(n, start + size))
 
 
+def bar_label(action: str, label: str | None) -> str:
+    """A progress-bar description naming what is worked on ("training target", "scoring WeaveRec"), markup-safe."""
+    from rich.markup import escape
+
+    return escape(f"{action} {label}" if label else action)
+
+
 def progress_bar(enabled: bool, *extra_columns):
     """A rich progress bar on stderr (description, bar, m/n, extra columns, elapsed, remaining), or a null context."""
     if not enabled:
@@ -191,6 +198,7 @@ def score_candidates_detailed(
     max_rows: int = 32,
     max_seq_len: int | None = None,
     progress: bool = False,
+    label: str | None = None,
 ) -> list[CandidateScores]:
     """Log-likelihood of every candidate of every sample (see the module docstring).
 
@@ -207,7 +215,7 @@ def score_candidates_detailed(
     results: list[CandidateScores] = []
     try:
         with progress_bar(progress) as bar:
-            task = bar.add_task("scoring users", total=len(samples)) if bar else None
+            task = bar.add_task(bar_label("scoring", label), total=len(samples)) if bar else None
             for idx in _batches(len(samples), batch_size):
                 inputs = [encoder.encode_scoring(samples[i], max_seq_len) for i in idx]
                 for x, (sums, counts) in zip(inputs, _score_batch(model, pad_id, inputs, max_rows)):
@@ -230,6 +238,7 @@ def score_candidates(
     max_seq_len: int | None = None,
     reduction: str = "sum",
     progress: bool = False,
+    label: str | None = None,
 ) -> list[np.ndarray]:
     """Per-sample arrays of candidate scores (higher = more likely): ``reduction`` "sum" or "mean" (per token)."""
     if reduction not in ("sum", "mean"):
@@ -243,6 +252,7 @@ def score_candidates(
         max_rows=max_rows,
         max_seq_len=max_seq_len,
         progress=progress,
+        label=label,
     )
     return [d.logprob_sum if reduction == "sum" else d.logprob_mean for d in detailed]
 
@@ -266,6 +276,7 @@ def generate_topk(
     batch_size: int = 4,
     max_seq_len: int | None = None,
     progress: bool = False,
+    label: str | None = None,
 ) -> list[list[str]]:
     """Greedy generation with the authors' "pick and order the top k" prompt; returns the parsed titles per sample.
 
@@ -283,7 +294,7 @@ def generate_topk(
     out: list[list[str]] = []
     try:
         with progress_bar(progress) as bar:
-            task = bar.add_task("generating top-k", total=len(samples)) if bar else None
+            task = bar.add_task(bar_label("generating top-k", label), total=len(samples)) if bar else None
             for idx in _batches(len(samples), batch_size):
                 budgets = [_max_new_tokens(encoder, samples[i], k) for i in idx]
                 rows = [encoder.encode_generation(samples[i], b, max_seq_len) for i, b in zip(idx, budgets)]

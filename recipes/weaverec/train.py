@@ -41,7 +41,7 @@ from adaptermerge.errors import InputError, OutputError, ParameterError
 
 from .llm import _versions, atomic_dir_write, count_parameters, load_tokenizer, torch_dtype
 from .prompts import IGNORE_INDEX, TASKS, EncodedExample, PromptConfig, PromptEncoder
-from .scoring import progress_bar
+from .scoring import bar_label, progress_bar
 from .types import Sample
 
 ALL_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -358,8 +358,11 @@ def train_lora(
     cfg: LoraTrainConfig | None = None,
     *,
     progress: bool = True,
+    label: str | None = None,
 ) -> TrainResult:
-    """Train one LoRA adapter on ``samples`` and save it to ``out_dir`` (see the module docstring)."""
+    """Train one LoRA adapter on ``samples`` and save it to ``out_dir`` (see the module docstring).
+
+    ``label`` names the module on the progress bar (default: the output folder's name)."""
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
@@ -408,7 +411,7 @@ def train_lora(
 
     columns = (TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} samples/s"))
     with progress_bar(progress and accelerator.is_main_process, *columns) as bar:
-        task = bar.add_task("training", total=total_steps, loss="-", rate="-") if bar else None
+        task = bar.add_task(bar_label("training", label or out_dir.name), total=total_steps, loss="-", rate="-") if bar else None
         while step < total_steps:
             plan = plan0 if epoch == 0 else epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, world)[rank::world]
             for group in _step_groups(plan, cfg.grad_accum):
