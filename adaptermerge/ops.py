@@ -658,7 +658,7 @@ def linear_coefficients(weights: Sequence[float], normalize: bool) -> list[float
     total = math.fsum(weights)
     if total == 0.0:
         raise ParameterError(f"linear: the weights sum to 0, so they cannot be normalized "
-                             f"(pass {option('--no-normalize', 'normalize=False')})")
+                             f"(pass {option('--no-normalize', 'normalize=False')}, or use task_arithmetic)")
     return [w / total for w in weights]
 
 
