@@ -93,6 +93,15 @@ def pattern_key(patterns: Mapping[str, Any], key: str) -> str | None:
     return None
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class Adapter:
     """A LoRA adapter: a PEFT directory or a bare safetensors file on disk, or factors held in memory.
 

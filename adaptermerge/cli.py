@@ -188,8 +188,13 @@ def merge(
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge inputs that contain NaN/Inf instead of refusing them."),
     allow_disjoint: bool = typer.Option(False, "--allow-disjoint", help="Accept an input that shares no module with the others (refused by default: usually adapters of different models)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing output."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c",
-        help="A YAML/TOML/JSON file with the same options (inputs with per-input weight/density/alpha, method, params, ...). Command-line options override it."),
+    to: Optional[str] = typer.Option(None, "--to", help="Output format: peft, kohya, diffusers or gguf (default: from the output name; a .safetensors output of kohya/diffusers inputs keeps their format)."),
+    for_: Optional[str] = typer.Option(None, "--for", help="Export profile: vllm (PEFT, one rank from vLLM's accepted set, scale folded) or llama.cpp (GGUF)."),
+    in_format: Optional[str] = typer.Option(None, "--format", help="Force the input format (peft, kohya, lycoris, diffusers, gguf) instead of detecting it."),
+    base_model: Optional[Path] = typer.Option(None, "--base", help="Base model (safetensors file, index, or model/pipeline folder): module names for kohya inputs, head counts for GGUF."),
+    ignore_unknown: bool = typer.Option(False, "--ignore-unknown", help="Load inputs with unrecognised keys (they are listed) instead of refusing them."),
+    gguf_arch: Optional[str] = typer.Option(None, "--gguf-arch", help="general.architecture of a GGUF output (default: the input's, else llama)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML/TOML/JSON file with the same options (inputs with per-input weight/density/alpha, method, params, ...). Command-line options override it."),
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table."),
 ) -> None:
@@ -201,7 +206,7 @@ def merge(
 
     Example: adaptermerge merge a/ b/ c.safetensors --method ties --weights 0.5,0.3,0.2 --density 0.5 --rank 16 -o merged/
     """  # help paragraphs are one line each: the help renderer keeps line breaks, so a wrapped source line would break mid-sentence
-    from .adapter import check_output_path, load_adapter
+    from . import formats_cli
     from .engine import DEFAULT_WARN_LOSS, MergeLossWarning, MergeRequest, merge_to, retain_freed_memory
 
     cfg: dict[str, Any] = load_config_file(config) if config else {}
@@ -237,27 +242,38 @@ def merge(
     if target is None:
         raise ParameterError("no output: pass -o/--output (a directory, or a file ending in .safetensors)")
     force = force or bool(cfg.get("force", False))
-    check_output_path(target, force=force, inputs=[Path(p) for p in paths])
-    # 2. headers of every input (no tensor data yet)
+    fmt_opts = formats_cli.FormatOptions(to, for_, in_format, base_model, ignore_unknown, gguf_arch)
+    fmt_opts.check_output(target, force=force, inputs=[Path(p) for p in paths])
+    # 2. headers of every input (no tensor data yet), in any format, mapped to one module naming
     default_alpha = alpha if alpha is not None else cfg.get("alpha")
     alphas = [(cfg_alphas[i] if i < len(cfg_alphas) and cfg_alphas[i] is not None else default_alpha) for i in range(len(paths))]
-    adapters = [load_adapter(p, alpha=a) if os.path.isfile(p) else load_adapter(p) for p, a in zip(paths, alphas)]
-    # 3. merge, streaming to a temporary output renamed into place at the end
+    adapters = fmt_opts.load_inputs(paths, alphas)
+    # 3. merge, streaming to a temporary output renamed into place at the end (other formats: through a sink)
     retain_freed_memory()  # this process ends after the merge: reuse freed deltas instead of faulting pages in
     bar, update = _progress_bar(not (quiet or json_out))
     nonfinite = allow_nonfinite or bool(cfg.get("allow_nonfinite"))
+
+    def run(progress):
+        if fmt_opts.needs_sink(target, adapters):
+            return fmt_opts.merge_and_save(target, adapters, request, None, force=force, allow_nonfinite=nonfinite,
+                                           progress=progress)
+        return merge_to(target, adapters, request, force=force, allow_nonfinite=nonfinite, progress=progress)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MergeLossWarning)  # printed below, from the summary
         if bar is not None:
             with bar:
-                summary = merge_to(target, adapters, request, force=force, allow_nonfinite=nonfinite, progress=update)
+                summary = run(update)
         else:
-            summary = merge_to(target, adapters, request, force=force, allow_nonfinite=nonfinite)
+            summary = run(None)
     summary["output"] = str(target)
+    formats_cli.add_input_reports(summary, adapters)
     if json_out:
         out.print_json(json.dumps(summary))
     elif not quiet:
         _print_merge_summary(summary)
+        for note in summary.get("output_notes", []):
+            err.print(f"note: {note}", highlight=False, markup=False)
     for w in summary["warnings"]:
         err.print(f"warning: {w}", highlight=False, markup=False)
 
@@ -287,26 +303,32 @@ def _print_merge_summary(s: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------ inspect
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="A PEFT adapter directory or a .safetensors file."),
+    path: Path = typer.Argument(..., help="A LoRA: PEFT adapter directory, or a PEFT/kohya/LyCORIS/diffusers .safetensors or GGUF file."),
     alpha: Optional[float] = typer.Option(None, help="lora_alpha for a bare .safetensors file without it in its metadata."),
+    in_format: Optional[str] = typer.Option(None, "--format", help="Force the format (peft, kohya, lycoris, diffusers, gguf) instead of detecting it."),
+    base_model: Optional[Path] = typer.Option(None, "--base", help="Base model (safetensors file, index, or model/pipeline folder): module names for kohya files, head counts for GGUF."),
+    ignore_unknown: bool = typer.Option(False, "--ignore-unknown", help="Open a file with unrecognised keys (they are listed) instead of refusing it."),
     json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON on stdout."),
 ) -> None:
-    """Show an adapter's modules, shapes, ranks, alpha/scaling, dtype, delta norms and provenance."""
-    from .adapter import load_adapter
+    """Show a LoRA's format (detected), modules, shapes, ranks, alpha/scale per module, dtype, delta norms, key
+    coverage and provenance."""
+    from . import formats
     from .lowrank import delta_norm
 
-    a = load_adapter(path, alpha=alpha, require_alpha=False)
+    a = formats.load(path, alpha=alpha, require_alpha=False, format=in_format, base=base_model, ignore_unknown=ignore_unknown)
     rows = []
     for m in sorted(a.modules.values(), key=lambda m: natural_key(m.name)):  # layers 0, 1, 2, ..., 10, not 0, 1, 10
         b, aa = a.factors(m.name, check_finite=False)
         rows.append({
             "module": m.name, "kind": m.kind, "shape": list(m.shape), "rank": m.rank, "alpha": m.alpha,
             "scale": m.scale, "dtype": m.dtype, "delta_norm": delta_norm(b, aa),
+            "kernel": list(a.layout[m.name]) if m.name in a.layout else None,
         })
     info = {
         "path": str(path), "weights_file": str(a.weights_file), "sha256": a.sha256(), "n_modules": len(rows),
         "config": {k: a.config.get(k) for k in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "base_model_name_or_path") if k in a.config},
         "extra_tensors": sorted(a.extras), "provenance": a.metadata, "notes": a.notes, "modules": rows,
+        "format": a.coverage.as_dict(),
     }
     if json_out:
         out.print_json(json.dumps(info))
@@ -320,16 +342,55 @@ def inspect(
         else:
             t.add_column(col, justify="right" if col not in ("kind", "dtype") else "left", overflow="fold")
     for r in rows:
-        t.add_row(r["module"].removeprefix("base_model.model."), r["kind"], "x".join(map(str, r["shape"])), str(r["rank"]),
+        t.add_row(r["module"].removeprefix("base_model.model."), r["kind"] if not r["kernel"] else "conv{}x{}".format(*r["kernel"]), "x".join(map(str, r["shape"])), str(r["rank"]),
                   f"{r['alpha']:g}", f"{r['scale']:.4g}", r["dtype"], f"{r['delta_norm']:.4g}")
     out.print(t, soft_wrap=False)
+    cov = info["format"]
+    out.print(f"format: {cov['format']} (detected by {cov['detected_by']}); module names: {cov['mapping']}; "
+              f"keys: {cov['recognised_keys']} recognised, {len(cov['unrecognised_keys'])} not")
     out.print("config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
     if a.extras:
         out.print(f"non-LoRA tensors: {', '.join(sorted(a.extras))}")
     for k, v in sorted(a.metadata.items()):
         out.print(f"metadata {k}: {v if len(v) < 300 else v[:300] + '…'}")
     for n in a.notes:
-        out.print(f"note: {n}")
+        if not n.startswith("format "):  # (shown in the format line above)
+            out.print(f"note: {n}")
+
+
+# ------------------------------------------------------------------------------------------------ convert
+@app.command()
+def convert(
+    path: Path = typer.Argument(..., help="A LoRA in any supported format (PEFT folder/file, kohya, LyCORIS, diffusers, GGUF)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output: a folder (PEFT) or a file (.safetensors, .gguf)."),
+    to: Optional[str] = typer.Option(None, "--to", help="peft, kohya, diffusers or gguf (default: from the output name)."),
+    for_: Optional[str] = typer.Option(None, "--for", help="Export profile: vllm or llama.cpp."),
+    in_format: Optional[str] = typer.Option(None, "--format", help="Force the input format instead of detecting it."),
+    base_model: Optional[Path] = typer.Option(None, "--base", help="Base model (safetensors file, index, or model/pipeline folder): module names for kohya files, head counts for GGUF."),
+    ignore_unknown: bool = typer.Option(False, "--ignore-unknown", help="Convert a file with unrecognised keys (they are listed and dropped) instead of refusing it."),
+    gguf_arch: Optional[str] = typer.Option(None, "--gguf-arch", help="general.architecture of a GGUF output (default: the input's, else llama)."),
+    dtype: Optional[str] = typer.Option(None, help="Output dtype: float32, bfloat16 or float16 (default: the input's)."),
+    alpha: Optional[float] = typer.Option(None, help="lora_alpha for a bare PEFT .safetensors input without it in its metadata."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing output."),
+    json_out: bool = typer.Option(False, "--json", help="Print a machine-readable report on stdout."),
+) -> None:
+    """Convert a LoRA between formats; the written file applies exactly the same delta (scale folded into the factors).
+
+    Example: adaptermerge convert lora.safetensors --to peft -o adapter/
+    """
+    from . import formats_cli
+
+    report = formats_cli.convert(path, output, to=to, profile=for_, in_format=in_format, base=base_model,
+                                 ignore_unknown=ignore_unknown, gguf_arch=gguf_arch, dtype=dtype, alpha=alpha, force=force)
+    if json_out:
+        out.print_json(json.dumps(report))
+        return
+    cov = report["input"]
+    err.print(f"{path}: format {cov['format']} (detected by {cov['detected_by']}); module names: {cov['mapping']}; "
+              f"{cov['recognised_keys']} keys recognised, {len(cov['unrecognised_keys'])} not", highlight=False, markup=False)
+    for n in report["notes"]:
+        err.print(f"note: {n}", highlight=False, markup=False)
+    err.print(f"wrote {report['output']['format']} -> {output} ({report['modules']} modules)", highlight=False, markup=False)
 
 
 # ------------------------------------------------------------------------------------------------ methods

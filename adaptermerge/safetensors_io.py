@@ -288,7 +288,7 @@ def canonical_sha256(header: SafetensorsHeader) -> str:
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """Little-endian raw bytes of a tensor (what safetensors stores)."""
-    t = t.detach().contiguous().cpu()
+    t = t.detach().contiguous().cpu().reshape(-1)  # (0-dim scalars, e.g. kohya's alpha, cannot be viewed as bytes)
     if t.numel() == 0:
         return b""
     return t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes()

@@ -21,16 +21,21 @@ def _import_graph(root, package):
     from pathlib import Path
 
     files = {p.stem: p for p in Path(root).glob("*.py")}
+    files.update({p.parent.name: p for p in Path(root).glob("*/__init__.py")})  # subpackages count as modules
     graph = {}
     for name, path in files.items():
+        depth = 0 if path.parent == Path(root) else 1  # a subpackage's own relative imports stay inside it
         edges = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
-                if node.level == 1 and node.module:
+                level = node.level - depth
+                if node.level and level < 1:
+                    continue
+                if level == 1 and node.module:
                     edges.add(node.module.split(".")[0])
-                elif node.level == 1:  # from . import x, y: submodules, or names of the package itself
+                elif level == 1:  # from . import x, y: submodules, or names of the package itself
                     edges |= {a.name if a.name in files else "__init__" for a in node.names}
-                elif node.module and node.module.split(".")[0] == package:
+                elif not node.level and node.module and node.module.split(".")[0] == package:
                     parts = node.module.split(".")
                     edges.add(parts[1] if len(parts) > 1 else "__init__")
             elif isinstance(node, ast.Import):
