@@ -80,3 +80,16 @@ def test_no_import_cycles():
     recipe.pop("__init__", None)
     assert _cycles(recipe) == []
     assert "report" in recipe["pipeline"] and "pipeline" not in recipe["report"]
+
+
+def test_no_import_cycles_in_the_shared_recipe_code_and_taskmerge():
+    """The shared recipe modules and the task-merging recipe follow the same rule as WeaveRec."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for folder, package in (("recipe_common", "recipe_common"), ("taskmerge", "taskmerge")):
+        graph = _import_graph(root / "recipes" / folder, package)
+        graph.pop("__init__", None)
+        assert _cycles(graph) == [], package
+    tm = _import_graph(root / "recipes" / "taskmerge", "taskmerge")
+    assert "report" in tm["pipeline"] and "pipeline" not in tm["report"]

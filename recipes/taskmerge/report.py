@@ -26,7 +26,7 @@ import numpy as np
 import adaptermerge as am
 
 from .config import RunConfig
-from .pipeline import _read_json, _write_json, adapter_dir, merge_dir, merge_jobs
+from .layout import _read_json, _write_json, adapter_dir, merge_dir, merge_jobs
 from .tasks import Splits, majority_rate
 
 Log = Callable[[str], None]
@@ -304,7 +304,7 @@ def render_markdown(cfg: RunConfig, data: dict, by_row: dict) -> str:
         pts = ", ".join(f"{k.split(m + '-', 1)[-1]}: {v:.3f}" for k, v in t["grid"].items())
         L.append(f"- {m}: {pts}")
     st = data["interference"]
-    L.append(f"\n## Interference: diagnostics vs accuracy lost by pairwise merges\n")
+    L.append("\n## Interference: diagnostics vs accuracy lost by pairwise merges\n")
     L.append(f"Pairs merged with `{st['method']}` at rank = sum of ranks (exact sum of the two deltas), scored on "
              f"the two tasks' {st['split']} split; interference = 1 - mean normalized accuracy of the pair. "
              "Cosine and sign-conflict rate (among the top 20% magnitudes) from `adaptermerge.analyze`, over all "
