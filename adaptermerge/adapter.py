@@ -20,13 +20,13 @@ import re
 import shutil
 import stat
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import torch
 
-from .errors import AdapterMergeError, IncompatibleInputsError, InputError, OutputError, ParameterError, option, shorten
+from .errors import AdapterMergeError, InputError, OutputError, ParameterError, option, shorten
 from .safetensors_io import (
     FLOAT_DTYPES,
     DuplicateKeyError,
@@ -52,7 +52,6 @@ PEFT_PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$|^(?P<emodule>.+)\.(?P<epart>lora_embedding_A|lora_embedding_B)$")
 
 OUTPUT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -118,6 +117,7 @@ def pattern_key(patterns: Mapping[str, Any], key: str) -> str | None:
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -397,7 +397,6 @@ def load_adapter(
     except (UnicodeEncodeError, ValueError) as e:  # a NUL or an unencodable character in the path
         raise InputError(f"{p}: invalid path ({type(e).__name__})") from None
     header = read_header(weights)
-    where = str(cfg_path or weights)
     if cfg_path is not None:
         cfg = _read_config(cfg_path)
         peft_type = cfg.get("peft_type", "LORA")

@@ -7,11 +7,9 @@ are imported when the command runs (matplotlib only for ``--plot``).
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -22,6 +20,7 @@ from rich.table import Table
 
 from rich.markup import escape
 
+from .cliparse import floats as _floats, one_or_many, operator_params
 from .errors import OutputError, ParameterError, printable
 
 _out = Console(soft_wrap=True)
@@ -32,19 +31,6 @@ PLOT_HINT = "pip install adaptermerge[plot]"
 
 
 # ------------------------------------------------------------------------------------------------ parsing
-def _floats(text: str, option: str) -> list[float]:
-    vals = []
-    for part in text.split(","):
-        try:
-            v = float(part.strip())
-        except ValueError:
-            raise ParameterError(f"{option}: {part.strip()!r} is not a number") from None
-        if not math.isfinite(v):
-            raise ParameterError(f"{option}: {part.strip()!r} is not a finite number")
-        vals.append(v)
-    return vals
-
-
 def _preview_rank(value: Optional[str]) -> int | str | None:
     if value is None or value == "full":
         return value
@@ -55,20 +41,21 @@ def _preview_rank(value: Optional[str]) -> int | str | None:
 
 
 def build_preview(
-    method: Optional[str], weights: Optional[str], rank: Optional[str], modules: Optional[int], params: dict[str, Any]
+    method: Optional[str], weights: Optional[str], rank: Optional[str], modules: Optional[int], params: dict[str, Any],
+    pairs: Optional[list[str]] = None,
 ) -> dict[str, Any] | None:
     """The preview spec from the command-line options; operator options without --preview-method are an error."""
     given = {k: v for k, v in params.items() if v is not None}
     if method is None:
-        extra = [f"--{k.replace('_', '-')}" for k in given]
+        extra = [f"--{k.replace('_', '-')}" for k in given] + [f"-p {x}" for x in pairs or []]
         extra += [o for o, v in (("--weights", weights), ("--preview-rank", rank), ("--preview-modules", modules)) if v is not None]
         if extra:
             raise ParameterError(f"{', '.join(extra)} given without --preview-method: these options set up a merge "
                                  "preview (e.g. --preview-method ties)")
         return None
     if "density" in given:
-        d = _floats(given["density"], "--density")
-        given["density"] = d[0] if len(d) == 1 else d
+        given["density"] = one_or_many(_floats(given["density"], "--density"))
+    given = operator_params(method, pairs, given)
     spec: dict[str, Any] = {"method": method, "params": given, "rank": _preview_rank(rank), "modules": modules}
     if weights is not None:
         spec["weights"] = _floats(weights, "--weights")
@@ -339,7 +326,8 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
 def analyze(
     inputs: list[str] = typer.Argument(..., help="Adapters to compare: PEFT adapter directories or .safetensors files.", show_default=False),
     json_out: bool = typer.Option(False, "--json", help="Print every number as JSON on stdout (no table)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a picture (.png, .svg, .pdf, ...; replaced if it exists): pairwise cosine heatmap and per-layer sign conflicts (needs matplotlib)."),
+    plot: Optional[Path] = typer.Option(None, "--plot",
+        help="Write a picture (.png, .svg, .pdf, ...; replaced if it exists): pairwise cosine heatmap and per-layer sign conflicts (needs matplotlib)."),
     top_k_fraction: float = typer.Option(0.2, "--top-k-fraction", help="Entries that matter for sign conflicts: each delta's top fraction by magnitude, in (0, 1]."),
     samples: int = typer.Option(32768, "--samples", help="Entries sampled per module for the sign statistics (smaller modules are enumerated exactly)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the entry sample, the preview's module sample and the preview merge (as merge --seed)."),
@@ -356,6 +344,7 @@ def analyze(
     rescale: Optional[bool] = typer.Option(None, "--rescale/--no-rescale", help="Preview: DARE/DELLA rescaling."),
     gamma: Optional[float] = typer.Option(None, help="Preview: breadcrumbs outlier fraction."),
     epsilon: Optional[float] = typer.Option(None, help="Preview: della keep-probability spread."),
+    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="Preview: any operator parameter as NAME=VALUE (repeatable), e.g. -p space=core."),
     preview_rank: Optional[str] = typer.Option(None, "--preview-rank", help="Preview: output rank as merge --rank (default: largest input rank; 'full' = no truncation)."),
     preview_modules: Optional[int] = typer.Option(None, "--preview-modules", help="Preview only a seeded sample of this many modules (element-wise methods form dense deltas)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -374,6 +363,7 @@ def analyze(
         preview_method, weights, preview_rank, preview_modules,
         {"density": density, "majority_sign": majority_sign, "scale": scale, "normalize": normalize,
          "rescale": rescale, "gamma": gamma, "epsilon": epsilon},
+        param,
     )
     if plot is not None:
         _check_plot_target(plot)
@@ -405,7 +395,7 @@ def analyze(
     if plot is not None:
         write_plot(result, plot)
         result["plot"] = str(plot)
-    from .cli import print_json, stdout_guard
+    from .cliout import print_json, stdout_guard
 
     if json_out:
         print_json(result, done=f" (the plot was written to {plot})" if plot is not None else "", indent=None)

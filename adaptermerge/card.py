@@ -34,6 +34,10 @@ def _value(v: Any) -> str:
     return _num(v)
 
 
+#: Operator parameters with a flag of their own on the command line; every other one is written -p NAME=VALUE.
+_FLAGS = {"density", "majority_sign", "scale", "normalize", "rescale", "gamma", "epsilon", "space"}
+
+
 def _cli_flags(settings: Mapping[str, Any]) -> list[str]:
     """The command-line options that repeat the merge (method, weights, parameters, rank, seed, dtype)."""
     flags = [f"--method {settings.get('method')}"]
@@ -41,9 +45,13 @@ def _cli_flags(settings: Mapping[str, Any]) -> list[str]:
         flags.append("--weights " + ",".join(_num(float(w)) for w in settings["weights"]))
     for k, v in sorted((settings.get("params") or {}).items()):
         opt = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
+        if v is None:
+            continue
+        if k not in _FLAGS:
+            flags.append(f"-p {k}={str(v).lower() if isinstance(v, bool) else _value(v)}")
+        elif isinstance(v, bool):
             flags.append(opt if v else f"--no-{k.replace('_', '-')}")
-        elif v is not None:
+        else:
             flags.append(f"{opt} {_value(v)}")
     if settings.get("rank") is not None:
         flags.append(f"--rank {settings['rank']}")
@@ -92,7 +100,10 @@ def model_card(metadata: Mapping[str, str], config: Mapping[str, Any] | None) ->
     if params:
         out.append("Parameters: " + ", ".join(f"{k} = {_value(v)}" for k, v in sorted(params.items())) + ".")
     rank = settings.get("rank")
-    out.append("Output rank: " + ("the sum of the input ranks (an exact concatenation)" if method and method.kind == "concat" else
+    low_rank = method is not None and (method.form != "dense" or params.get("space") == "core")  # exactly low-rank
+    out.append("Output rank: " + ("the sum of the input ranks (an exact concatenation)" if method and method.concat else
+                                  "the sum of the input ranks, capped by each module's size (exact: the merge itself)"
+                                  if low_rank and rank in (None, "full") else
                                   "full (an exact full-rank delta)" if rank == "full" else
                                   f"{config.get('r', '?')} (the largest input rank)" if rank is None else str(rank))
                + (f"; seed {settings.get('seed', 0)}" if method and method.stochastic or settings.get("svd") else "")

@@ -6,13 +6,11 @@ Every error is one line on stderr, ``error: <what, naming the file/tensor/parame
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import json
 import math
 import os
 import sys
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,7 +26,9 @@ from rich.markup import escape as rich_escape
 from rich.table import Table
 from rich.text import Text
 
-from .errors import AdapterMergeError, InputError, OutputError, ParameterError, cli_wording, printable, shorten
+from .cliout import StdoutError, json_safe, plain, print_json, stdout_guard  # noqa: F401  (re-exported)
+from .cliparse import floats as _floats, one_or_many, operator_params
+from .errors import AdapterMergeError, InputError, ParameterError, cli_wording, printable, shorten
 
 app = typer.Typer(
     name="adaptermerge",
@@ -43,26 +43,19 @@ err = Console(stderr=True, soft_wrap=True)
 
 CONFIG_KEYS = {
     "inputs", "method", "weights", "params", "rank", "seed", "svd", "svd_niter", "svd_oversample", "dtype",
-    "output", "force", "extra_tensors", "allow_nonfinite", "allow_disjoint", "alpha",
+    "output", "force", "extra_tensors", "allow_nonfinite", "allow_disjoint", "alpha", "warn_loss",
 }
-INPUT_KEYS = {"path", "weight", "density", "alpha"}
+INPUT_KEYS = {"path", "weight", "alpha"}  # plus every per-input operator parameter (per_input_params())
+
+
+def per_input_params() -> set[str]:
+    """Names of the operator parameters that take one value per input (declared once, in the operators)."""
+    from .registry import METHODS
+
+    return {p.name for m in METHODS.values() for p in m.params if p.per_input}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _floats(text: str, option: str) -> list[float]:
-    vals = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            v = float(part)
-        except ValueError:
-            raise ParameterError(f"{option}: {part!r} is not a number") from None
-        if not math.isfinite(v):
-            raise ParameterError(f"{option}: {part!r} is not a finite number")
-        vals.append(v)
-    return vals
-
-
 def _rank(value: Any) -> int | str | None:
     if value is None or value == "full":
         return value
@@ -164,6 +157,7 @@ def _check_config_types(cfg: dict[str, Any], path: Path) -> None:
         "svd_oversample": ("an integer", _is_int),
         "rank": ("a positive integer or 'full'", lambda v: v == "full" or _is_int(v)),
         "alpha": ("a finite number", _is_number),
+        "warn_loss": ("a finite number", _is_number),
         "weights": ("a list of numbers", lambda v: isinstance(v, list) and all(_is_number(x) for x in v)),
         "params": ("a mapping of parameter names to values", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)),
         "inputs": ("a list of paths or of mappings with 'path'", lambda v: isinstance(v, list)),
@@ -183,88 +177,46 @@ def _check_config_types(cfg: dict[str, Any], path: Path) -> None:
             continue
         if not isinstance(item, dict) or not isinstance(item.get("path"), str):
             raise _config_type_error(path, f"inputs[{i}]", "a path (a string) or a mapping with 'path' (a string)", item)
-        for k in ("weight", "density", "alpha"):
-            if item.get(k) is not None and not _is_number(item[k]):
-                raise _config_type_error(path, f"inputs[{i}].{k}", "a finite number", item[k])
+        for k, v in item.items():  # weight, alpha and every per-input operator parameter (declared in the operators)
+            if k == "path" or v is None:
+                continue
+            if k in ("weight", "alpha") and not _is_number(v):
+                raise _config_type_error(path, f"inputs[{i}].{shorten(k, 40)[1:-1]}", "a finite number", v)
+            if not (isinstance(v, (bool, str)) or _is_number(v)):
+                raise _config_type_error(path, f"inputs[{i}].{shorten(k, 40)[1:-1]}", "a finite number, a string or true/false", v)
 
 
-def _expand_inputs(cfg: dict[str, Any], base: Path) -> tuple[list[str], list[float] | None, list[float] | None, list[float | None]]:
-    paths, weights, densities, alphas = [], [], [], []
+def _expand_inputs(cfg: dict[str, Any], base: Path) -> tuple[list[str], list[float] | None, dict[str, list[Any]], list[float | None]]:
+    """Paths, weights, per-input operator parameters ({name: one value per input}) and alphas of a config."""
+    per_input = per_input_params()
+    valid = INPUT_KEYS | per_input
+    paths, weights, alphas = [], [], []
+    values: dict[str, list[Any]] = {k: [] for k in sorted(per_input)}
     for i, item in enumerate(cfg.get("inputs") or []):
         if isinstance(item, str):
             item = {"path": item}
         if not isinstance(item, dict) or "path" not in item:
             raise ParameterError(f"config inputs[{i}] must be a path or a mapping with 'path'")
-        unknown = set(item) - INPUT_KEYS
+        unknown = set(item) - valid
         if unknown:
-            raise ParameterError(f"config inputs[{i}]: unknown keys {shorten(sorted(map(str, unknown)), 200)} (valid: {sorted(INPUT_KEYS)})")
+            raise ParameterError(f"config inputs[{i}]: unknown keys {shorten(sorted(map(str, unknown)), 200)} (valid: {sorted(valid)})")
         p = Path(str(item["path"]))
         paths.append(str(p if p.is_absolute() else base / p))
         weights.append(item.get("weight"))
-        densities.append(item.get("density"))
+        for k in values:
+            values[k].append(item.get(k))
         alphas.append(item.get("alpha"))
     w = None if all(x is None for x in weights) else weights
-    d = None if all(x is None for x in densities) else densities
     if w is not None and any(x is None for x in w):
         raise ParameterError("config: give a weight for every input or for none")
-    if d is not None and any(x is None for x in d):
-        raise ParameterError("config: give a density for every input or for none")
-    return paths, w, d, alphas
-
-
-def plain(value: Any) -> Text:
-    """Text from a file or the command line (tensor, module and file names, metadata, config values) as a rich
-    ``Text``: never read as markup (``[/x]`` is shown, not parsed), control characters and lone surrogates escaped
-    (terminal escape codes in a tensor name are shown, not obeyed)."""
-    return Text(printable(str(value)))
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with every non-finite float replaced by None: JSON has no NaN (``json.dumps`` would write a bare
-    ``NaN`` that JSON parsers refuse)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-class StdoutError(OutputError):
-    """Standard output could not be written (a full disk behind ``> file``, a closed pipe)."""
-
-
-@contextlib.contextmanager
-def stdout_guard(done: str = ""):
-    """Turn a failed write to stdout (``> /dev/full``, a closed pipe) into one-line :class:`StdoutError` (exit 5)
-    instead of a traceback. ``done`` says what was completed anyway (e.g. the merged adapter was written)."""
-    try:
-        yield
-        sys.stdout.flush()
-    except OSError as e:
-        _silence_stdout()
-        if e.errno == errno.EPIPE:
-            raise StdoutError(f"standard output: the reader closed the pipe{done}") from None
-        raise StdoutError(f"standard output: write failed: {e.strerror or e}{done}") from None
-
-
-def _silence_stdout() -> None:
-    """After stdout failed, point it at /dev/null: the interpreter's final flush would fail again (and turn the
-    exit status into 120)."""
-    try:
-        fd = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(fd, sys.stdout.fileno())
-        os.close(fd)
-    except (OSError, ValueError, AttributeError):
-        pass
-
-
-def print_json(obj: Any, done: str = "", indent: int | None = 2) -> None:
-    """Write ``obj`` as JSON on stdout (ASCII, NaN/Inf as null), guarded by :func:`stdout_guard`."""
-    text = json.dumps(json_safe(obj), indent=indent, allow_nan=False) + "\n"
-    with stdout_guard(done):
-        sys.stdout.write(text)
+    params = {}
+    for k, vals in values.items():
+        if all(x is None for x in vals):
+            continue
+        if any(x is None for x in vals):
+            raise ParameterError(f"config: give a {k} for every input or for none")
+        params[k] = vals
+    return paths, w, params, alphas
 
 
 def _widen(console: Console) -> None:
@@ -313,14 +265,20 @@ def merge(
     rescale: Optional[bool] = typer.Option(None, "--rescale/--no-rescale", help="DARE/DELLA: rescale kept entries by 1/keep-probability."),
     gamma: Optional[float] = typer.Option(None, help="breadcrumbs: fraction of the largest-magnitude entries dropped as outliers."),
     epsilon: Optional[float] = typer.Option(None, help="della: spread of keep probabilities around density."),
-    rank: Optional[str] = typer.Option(None, "--rank", "-r", help="Output rank: an integer (default: largest input rank) or 'full' for an exact full-rank delta. Not for cat."),
+    space: Optional[str] = typer.Option(None, help="Element-wise methods: full (dense deltas, default) or core (Core Space: on the inputs' small core matrices, exact low-rank result)."),
+    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="Any operator parameter as NAME=VALUE (repeatable), e.g. -p density=0.5 -p space=core; `adaptermerge methods` lists them."),
+    rank: Optional[str] = typer.Option(None, "--rank", "-r",
+        help="Output rank: an integer, or 'full' for an exact full-rank delta. Default: exact wherever the merged delta "
+             "is low-rank (linear and factor-form methods, space=core), else the largest input rank. Not for cat."),
+    warn_loss: Optional[float] = typer.Option(None, help="Warn when truncating loses more than this fraction of a module's merged delta (default 0.1; 1 = never)."),
     seed: Optional[int] = typer.Option(None, help="Seed for DARE/DELLA drops and the randomized SVD (default 0). Same seed, same bytes."),
     svd: Optional[str] = typer.Option(None, help="Back-to-low-rank for element-wise methods: randomized (fast, default) or exact."),
     svd_niter: Optional[int] = typer.Option(None, help="Power iterations of the randomized SVD (default 2)."),
     svd_oversample: Optional[int] = typer.Option(None, help="Extra sketch columns of the randomized SVD (default 8)."),
     dtype: Optional[str] = typer.Option(None, help="Output dtype: float32, bfloat16 or float16 (default: the inputs' dtype)."),
     alpha: Optional[float] = typer.Option(None, help="lora_alpha for bare .safetensors inputs without it in their metadata."),
-    extra_tensors: Optional[str] = typer.Option(None, help="Non-LoRA tensors (modules_to_save, ...): identical (default: copy only if identical in all inputs, else error) or first (copy from the first input)."),
+    extra_tensors: Optional[str] = typer.Option(None,
+        help="Non-LoRA tensors (modules_to_save, ...): identical (default: copy only if identical in all inputs, else error) or first (copy from the first input)."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge inputs that contain NaN/Inf instead of refusing them."),
     allow_disjoint: bool = typer.Option(False, "--allow-disjoint", help="Accept an input that shares no module with the others (refused by default: usually adapters of different models)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing output."),
@@ -336,31 +294,31 @@ def merge(
 ) -> None:
     """Merge LoRA adapters into one LoRA adapter (a PEFT directory, or one .safetensors file).
 
-    Element-wise methods act on each module's delta scale*B@A (never on A and B separately) and are truncated back to low rank with a seeded randomized SVD; linear methods are merged exactly in low-rank form.
+    Element-wise methods act on each module's delta scale*B@A (never on A and B separately) and are truncated back to low rank with a seeded randomized SVD, or run exactly in Core Space with -p space=core; linear and SVD-family methods (tsv_m, iso_c, iso_cts, knots) are computed exactly in low-rank form, at the sum of the input ranks by default.
 
     A folder output also gets a README.md that tells in words what was merged, how, and how faithful the result is. Inputs that share no module with the others are refused unless --allow-disjoint.
 
     Example: adaptermerge merge a/ b/ c.safetensors --method ties --weights 0.5,0.3,0.2 --density 0.5 --rank 16 -o merged/
     """  # help paragraphs are one line each: the help renderer keeps line breaks, so a wrapped source line would break mid-sentence
     from . import formats_cli
-    from .engine import merge_to, retain_freed_memory, validate_options
+    from .engine import DEFAULT_WARN_LOSS, MergeLossWarning, MergeRequest, merge_to, retain_freed_memory
 
     cfg: dict[str, Any] = load_config_file(config) if config else {}
     base = config.parent if config else Path(".")
-    cfg_paths, cfg_weights, cfg_dens, cfg_alphas = _expand_inputs(cfg, base)
+    cfg_paths, cfg_weights, cfg_per_input, cfg_alphas = _expand_inputs(cfg, base)
     paths = list(inputs or []) or cfg_paths
     if not paths:
         raise ParameterError("no inputs: give adapter paths or a --config with inputs")
     if inputs and cfg_paths:
-        cfg_weights, cfg_dens, cfg_alphas = None, None, []
+        cfg_weights, cfg_per_input, cfg_alphas = None, {}, []
     w = _floats(weights, "--weights") if weights is not None else cfg_weights if cfg_weights is not None else cfg.get("weights")
+    method_name = method or cfg.get("method", "linear")
     params: dict[str, Any] = dict(cfg.get("params") or {})
-    if cfg_dens is not None:
-        params["density"] = cfg_dens
-    cli_params = {"density": None if density is None else (lambda v: v[0] if len(v) == 1 else v)(_floats(density, "--density")),
-                  "majority_sign": majority_sign, "scale": scale, "normalize": normalize, "rescale": rescale,
-                  "gamma": gamma, "epsilon": epsilon}
-    params.update({k: v for k, v in cli_params.items() if v is not None})
+    params.update(cfg_per_input)
+    flags = {"density": None if density is None else one_or_many(_floats(density, "--density")),
+             "majority_sign": majority_sign, "scale": scale, "normalize": normalize, "rescale": rescale,
+             "gamma": gamma, "epsilon": epsilon, "space": space}
+    params.update(operator_params(method_name, param, flags))
     opts = {
         "rank": _rank(rank if rank is not None else cfg.get("rank")),
         "seed": seed if seed is not None else cfg.get("seed", 0),
@@ -369,14 +327,15 @@ def merge(
         "svd_oversample": svd_oversample if svd_oversample is not None else cfg.get("svd_oversample", 8),
         "dtype": dtype or cfg.get("dtype"),
         "extra_tensors": extra_tensors or cfg.get("extra_tensors", "identical"),
+        "warn_loss": warn_loss if warn_loss is not None else cfg.get("warn_loss", DEFAULT_WARN_LOSS),
+        "allow_disjoint": allow_disjoint or cfg.get("allow_disjoint") is True,
     }
-    method_name = method or cfg.get("method", "linear")
-    # 1. every option, before any file is opened
-    validate_options(method_name, len(paths), w, params, **opts)
-    target = output if output is not None else (base / cfg["output"] if cfg.get("output") else None)
+    # 1. every option, once, before any file is opened
+    request = MergeRequest.build(method_name, len(paths), w, params, **opts)
+    target = output if output is not None else (base / str(cfg["output"]) if cfg.get("output") else None)
     if target is None:
         raise ParameterError("no output: pass -o/--output (a directory, or a file ending in .safetensors)")
-    force = force or bool(cfg.get("force", False))
+    force = force or cfg.get("force") is True
     fmt_opts = formats_cli.FormatOptions(to, for_, in_format, base_model, ignore_unknown, gguf_arch)
     fmt_opts.check_output(target, force=force, inputs=[Path(p) for p in paths])
     # 2. headers of every input (no tensor data yet), in any format, mapped to one module naming
@@ -385,20 +344,22 @@ def merge(
     adapters = fmt_opts.load_inputs(paths, alphas)
     # 3. merge, streaming to a temporary output renamed into place at the end (other formats: through a sink)
     retain_freed_memory()  # this process ends after the merge: reuse freed deltas instead of faulting pages in
-    disjoint = allow_disjoint or cfg.get("allow_disjoint") is True
     bar, update = _progress_bar(not (quiet or json_out))
     nonfinite = allow_nonfinite or cfg.get("allow_nonfinite") is True
 
     def run(progress):
         if fmt_opts.needs_sink(target, adapters):
-            return fmt_opts.merge_and_save(target, adapters, method_name, w, force=force, allow_nonfinite=nonfinite, allow_disjoint=disjoint, progress=progress, **opts, **params)
-        return merge_to(target, adapters, method_name, w, force=force, allow_nonfinite=nonfinite, allow_disjoint=disjoint, progress=progress, **opts, **params)
+            return fmt_opts.merge_and_save(target, adapters, request, None, force=force, allow_nonfinite=nonfinite,
+                                           progress=progress)
+        return merge_to(target, adapters, request, force=force, allow_nonfinite=nonfinite, progress=progress)
 
-    if bar is not None:
-        with bar:
-            summary = run(update)
-    else:
-        summary = run(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MergeLossWarning)  # printed below, from the summary
+        if bar is not None:
+            with bar:
+                summary = run(update)
+        else:
+            summary = run(None)
     summary["output"] = str(target)
     formats_cli.add_input_reports(summary, adapters)
     if json_out:
@@ -407,6 +368,8 @@ def merge(
         _print_merge_summary(summary)
         for note in summary.get("output_notes", []):
             err.print(plain(f"note: {note}"), highlight=False)
+    for w in summary["warnings"]:
+        err.print(plain(f"warning: {w}"), highlight=False)
 
 
 def _print_merge_summary(s: dict[str, Any]) -> None:
@@ -557,9 +520,9 @@ def methods(json_out: bool = typer.Option(False, "--json", help="Print machine-r
 
 
 def render_methods(info: list[dict[str, Any]], console: Console) -> None:
-    """The methods as a two-column table that fits ``console.width`` (>= 60 columns): the name and kind on the left;
-    on the right what the method does, its parameters one per line, and its paper with the link on a line of its
-    own. Text wraps at spaces and long words fold, so nothing is cut off with an ellipsis."""
+    """The methods as a two-column table that fits ``console.width`` (>= 60 columns): the name and form on the left;
+    on the right what the method does, its parameters one per line, and each paper with its link (and reference
+    code) on a line of its own. Text wraps at spaces and long words fold, so nothing is cut off with an ellipsis."""
     from rich.markup import escape
     from rich.text import Text
 
@@ -574,11 +537,11 @@ def render_methods(info: list[dict[str, Any]], console: Console) -> None:
             rng = p.get("choices") or p.get("range")
             lines.append(f"  [cyan]{escape(p['name'])}[/]={escape(repr(p['default']))}" + (f" {escape(str(rng))}" if rng else "")
                          + (" (one per input allowed)" if p.get("per_input") else ""))
-        paper, _, url = m["paper"].rpartition(", http")
-        lines.append(f"[dim]{escape(paper) if url else escape(m['paper'])}[/]")
-        if url:
-            lines.append(f"[dim]http{escape(url)}[/]")
-        t.add_row(Text.assemble((m["name"], "bold"), "\n", (m["kind"], "dim")), "\n".join(lines))
+        for paper in m["papers"]:
+            lines.append(f"[dim]{escape(paper['citation'])}[/]")
+            code = f" · code: github.com/{paper['repo']}" if paper["repo"] else ""
+            lines.append(f"[dim]{escape(paper['url'] + code)}[/]")
+        t.add_row(Text.assemble((m["name"], "bold"), "\n", (m["form"], "dim")), "\n".join(lines))
     console.print(t, soft_wrap=False)
 
 

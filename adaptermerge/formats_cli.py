@@ -60,7 +60,7 @@ class FormatOptions:
 
         fmt = self.output_format(target, adapters)
         merged = merge(adapters, method, weights, allow_nonfinite=allow_nonfinite, progress=progress, **kw)
-        report = formats.save(merged, target, to=fmt, force=force, dtype=kw.get("dtype"),
+        report = formats.save(merged, target, to=fmt, force=force, dtype=kw.get("dtype", getattr(method, "dtype", None)),
                               layout=formats.merged_layout(adapters), inputs=[a.path for a in adapters if a.path],
                               profile=self.profile, gguf_arch=self.gguf_arch, base=self.base)
         summary = merged.summary

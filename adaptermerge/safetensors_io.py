@@ -248,6 +248,10 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     return SafetensorsHeader(p, metadata, entries, size)
 
 
+#: Where a cgroup v2 / v1 memory limit is read from.
+CGROUP_MEMORY_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 @functools.lru_cache(maxsize=1)
 def memory_limit_bytes() -> int:
     """The most memory this process could ever get: physical RAM, capped by a cgroup limit and ``RLIMIT_AS``.
@@ -261,12 +265,12 @@ def memory_limit_bytes() -> int:
         limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, ValueError, OSError):
         pass
-    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    for f in CGROUP_MEMORY_FILES:
         try:
             v = Path(f).read_text().strip()
         except OSError:
             continue
-        if v.isdigit():
+        if v.isdigit():  # "max" (cgroup v2) means no limit
             limits.append(int(v))
     try:
         import resource

@@ -321,7 +321,7 @@ def check_outputs(work: Path, inputs: list[Path], layers: int, done: set[str]) -
     """Side-by-side correctness on three modules (layer 0 q/k, last layer down_proj)."""
     import torch
 
-    names = [f"base_model.model.model.layers.0.self_attn.q_proj", "base_model.model.model.layers.0.self_attn.k_proj",
+    names = ["base_model.model.model.layers.0.self_attn.q_proj", "base_model.model.model.layers.0.self_attn.k_proj",
              f"base_model.model.model.layers.{layers - 1}.mlp.down_proj"]
     result: dict[str, Any] = {"modules": names, "linear": {}, "ties": {}, "cat": {}, "recorded": {}}
     by_name = {s.name: s for s in OURS + FLOOR + list(PEFT.values())}

@@ -26,7 +26,10 @@ from safetensors.torch import save_file
 import adaptermerge as am
 import adaptermerge.adapter as am_adapter
 from conftest import read_deltas, write_adapter
-from test_hardening import KA, KB, SMALL, adapter_dir, alarm, cli, one_line, raw_safetensors, run_child, snapshot, valid_parts  # noqa: F401
+import test_hardening
+from test_hardening import KA, KB, SMALL, adapter_dir, cli, one_line, raw_safetensors, run_child, snapshot, valid_parts  # noqa: F401
+
+alarm = test_hardening.alarm  # the fixture, shared with test_hardening
 
 ESC = "\x1b"
 

@@ -66,8 +66,9 @@ def test_methods_fit_100_columns(capsys, monkeypatch):
     info = describe()
     for m in info:
         assert re.search(rf"│ {re.escape(m['name'])}\s", out), m["name"]
-        url = m["paper"].rpartition(", ")[2]
-        assert url.startswith("http") and url in out, url  # links are never cut
+        for paper in m["papers"]:
+            assert paper["url"].startswith("http") and paper["url"] in out, paper["url"]  # links are never cut
+            assert paper["repo"] is None or f"github.com/{paper['repo']}" in out
         for p in m["params"]:
             assert f"{p['name']}=" in out
 

@@ -420,7 +420,8 @@ PARAM_CASES = {
     "seed_text": (["--seed", "abc"], {"seed": "abc"}, r"(--seed|seed must be a non-negative integer, got 'abc')"),
     "svd_unknown": (["--method", "ties", "--svd", "fast"], {"method": "ties", "svd": "fast"}, r"svd must be 'randomized' or 'exact', got 'fast'"),
     "dtype_unknown": (["--dtype", "int8"], {"dtype": "int8"}, r"dtype must be one of float32, bfloat16, float16, got 'int8'"),
-    "majority_sign_unknown": (["--method", "ties", "--majority-sign", "totl"], {"method": "ties", "majority_sign": "totl"}, r"majority_sign='totl' must be one of total, frequency; did you mean 'total'\?"),
+    "majority_sign_unknown": (["--method", "ties", "--majority-sign", "totl"], {"method": "ties", "majority_sign": "totl"},
+        r"majority_sign='totl' must be one of total, frequency; did you mean 'total'\?"),
     "param_of_other_method": (["--method", "linear", "--density", "0.5"], {"method": "linear", "density": 0.5}, r"method 'linear' has no parameter 'density'"),
     "cat_with_rank": (["--method", "cat", "--rank", "4"], {"method": "cat", "rank": 4}, r"method 'cat' is an exact concatenation"),
 }

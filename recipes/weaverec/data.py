@@ -446,7 +446,7 @@ def movielens_dir(variant: str = "ml-1m") -> Path:
     return root
 
 
-def _read_atomic(path: Path) -> tuple[list[str], Iterator[list[str]]]:
+def read_atomic(path: Path) -> tuple[list[str], Iterator[list[str]]]:
     """Open a RecBole atomic TSV; return the bare column names (``name`` of ``name:type``) and a row iterator."""
     try:
         fh = open(path, encoding="utf-8", newline="")
@@ -514,7 +514,7 @@ def load_movielens(
     root = Path(path) if path is not None else movielens_dir(variant)
     item_path, inter_path = root / f"{variant}.item", root / f"{variant}.inter"
 
-    names, rows = _read_atomic(item_path)
+    names, rows = read_atomic(item_path)
     c_id = _column(names, ["item_id"], item_path)
     c_genre = _column(names, ["genre", "class"], item_path)
     item_genres: dict[str, set[str]] = {}
@@ -538,7 +538,7 @@ def load_movielens(
                 item_domain[item_id] = name
                 break
 
-    names, rows = _read_atomic(inter_path)
+    names, rows = read_atomic(inter_path)
     c_user = _column(names, ["user_id"], inter_path)
     c_item = _column(names, ["item_id"], inter_path)
     c_time = _column(names, ["timestamp"], inter_path)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -30,41 +29,11 @@ import adaptermerge as am
 from adaptermerge.errors import InputError, ParameterError
 
 from .config import MergeSpec, RunConfig
+from .layout import Prepared, _read_json, _slug, _write_json, eval_rows, pooled_module  # noqa: F401
+from .report import write_report
 from .types import Sample
 
 Log = Callable[[str], None]
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    if dataclasses.is_dataclass(x):
-        return dataclasses.asdict(x)
-    raise TypeError(f"not JSON serialisable: {type(x)}")
-
-
-def _read_json(path: Path) -> Any | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def is_main_process() -> bool:
@@ -73,19 +42,6 @@ def is_main_process() -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------------ prepare
-@dataclasses.dataclass
-class Prepared:
-    target: str
-    sources: list[str]
-    target_train: list[Sample]
-    target_valid: list[Sample]
-    target_test: list[Sample]
-    source_train: dict[str, list[Sample]]
-    train_sequences: dict[str, list[str]]  # target domain, for the non-LLM baselines
-    target_items: list[str]
-    stats: dict[str, Any]
-
-
 def _save_samples(path: Path, samples: Sequence[Sample]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -183,14 +139,8 @@ def module_samples(cfg: RunConfig, prep: Prepared) -> dict[str, list[Sample]]:
     return mods
 
 
-def pooled_module(cfg: RunConfig) -> Path:
-    """The data-merging module: trained on all domains pooled (the hybrid module itself when there is one source)."""
-    name = "pooled" if len(cfg.data.sources) > 1 else f"hybrid-{cfg.data.sources[0]}"
-    return cfg.run_dir / "modules" / name
-
-
 def base_model_dir(cfg: RunConfig, log: Log | None = None) -> Path:
-    from .llm import resolve_base_model
+    from recipe_common.llm import resolve_base_model
 
     cache = Path(os.path.expanduser(cfg.model.cache_dir)) if cfg.model.cache_dir else None
     return resolve_base_model(cfg.model.base, cache, log=log)
@@ -270,27 +220,6 @@ def merge(cfg: RunConfig, *, log: Log = print) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------------------------------ evaluate
-def eval_rows(cfg: RunConfig) -> list[dict[str, Any]]:
-    """Every model the report compares, in report order."""
-    rows: list[dict[str, Any]] = []
-    if "base" in cfg.eval.baselines:
-        rows.append({"name": "Base model (zero-shot)", "kind": "llm", "adapter": None})
-    rows.append({"name": "Target-only LoRA", "kind": "llm", "adapter": cfg.run_dir / "modules" / "target"})
-    if cfg.train_baselines:
-        rows.append({"name": "Data merging (pooled LoRA)", "kind": "llm", "adapter": pooled_module(cfg)})
-    for s in cfg.data.sources if cfg.eval.hybrid_rows and len(cfg.data.sources) > 1 else []:
-        rows.append({"name": f"Hybrid LoRA ({cfg.data.target}+{s}) alone", "kind": "llm", "adapter": cfg.run_dir / "modules" / f"hybrid-{s}"})
-    for spec in cfg.merges:
-        rows.append({"name": spec.name, "kind": "llm", "adapter": cfg.run_dir / "merged" / _slug(spec.name), "merge": spec.name})
-    if "sasrec" in cfg.eval.baselines:
-        rows.append({"name": "SASRec (non-LLM)", "kind": "sasrec"})
-    if "popularity" in cfg.eval.baselines:
-        rows.append({"name": "Popularity (non-LLM)", "kind": "popularity"})
-    for r in rows:
-        r["key"] = _slug(r["name"])
-    return rows
-
-
 def _row_fingerprint(cfg: RunConfig, row: dict) -> str:
     adapter = row.get("adapter")
     sha = ""
@@ -352,7 +281,7 @@ def _score_llm(cfg: RunConfig, row: dict, test: list[Sample], *, progress: bool,
     import torch
 
     from . import metrics as M
-    from .llm import count_parameters, load_for_eval, load_tokenizer
+    from recipe_common.llm import count_parameters, load_for_eval, load_tokenizer
     from .scoring import generate_topk, measure_scoring_latency, score_candidates
 
     base = base_model_dir(cfg, log)
@@ -393,8 +322,6 @@ def _score_sasrec(cfg: RunConfig, prep: Prepared):
 def run(cfg: RunConfig, *, log: Log = print, progress: bool = True, stop_after: str | None = None) -> dict[str, Any]:
     """Every stage in order; each reuses what is already finished."""
     import torch
-
-    from .report import write_report
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

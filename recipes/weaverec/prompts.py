@@ -31,15 +31,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from adaptermerge.errors import InputError, ParameterError
+from recipe_common.chat import chat_answer_format, render_chat
+from recipe_common.types import IGNORE_INDEX, EncodedExample
 
 from .types import Sample
 
 SYSTEM_PROMPT = "You are a helpful recommendation assistant."
-IGNORE_INDEX = -100
 Task = Literal["next", "top5"]
 TASKS: tuple[str, ...] = ("next", "top5")
-
-_PROBE = "\u2063WEAVEREC-ANSWER-PROBE\u2063"  # text that no template contains, used to locate the answer slot
 
 
 @dataclass(frozen=True)
@@ -150,20 +149,6 @@ def parse_titles(text: str, k: int | None = None) -> list[str]:
 
 
 @dataclass(frozen=True)
-class EncodedExample:
-    """One tokenised training example. ``labels`` is ``IGNORE_INDEX`` on the prompt, the token id on the answer."""
-
-    input_ids: tuple[int, ...]
-    labels: tuple[int, ...]
-    prompt_len: int
-    n_history: int
-
-    @property
-    def n_answer_tokens(self) -> int:
-        return len(self.input_ids) - self.prompt_len
-
-
-@dataclass(frozen=True)
 class ScoringInputs:
     """Prompt ids once, and the answer ids (title + end-of-turn) of every candidate, in candidate order."""
 
@@ -189,31 +174,10 @@ class PromptEncoder:
     # ----------------------------------------------------------------------------------------------- template probe
     def _probe(self) -> tuple[str, tuple[int, ...]]:
         """Return (text the template puts before the answer content, token ids that end the answer)."""
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        if not self.uses_chat_template:
-            if eos is None:
-                raise InputError("tokenizer has neither a chat template nor an EOS token: cannot mark answer ends")
-            return "", (int(eos),)
-        base = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
-        prefix = self._render(base, generation_prompt=True)
-        full = self._render([*base, {"role": "assistant", "content": _PROBE}], generation_prompt=False)
-        at = full.find(_PROBE)
-        if not full.startswith(prefix) or at < len(prefix):
-            raise InputError(
-                "tokenizer chat template renders the assistant turn inconsistently with add_generation_prompt; "
-                "use a tokenizer with a standard template"
-            )
-        suffix_ids = self._ids(full[at + len(_PROBE) :])
-        special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
-        for i, tok in enumerate(suffix_ids):
-            if tok in special:
-                return full[len(prefix) : at], tuple(suffix_ids[: i + 1])
-        if eos is None:
-            raise InputError("tokenizer chat template ends turns without a special token and there is no EOS token")
-        return full[len(prefix) : at], (int(eos),)
+        return chat_answer_format(self.tokenizer)
 
     def _render(self, msgs: list[dict[str, str]], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        return render_chat(self.tokenizer, msgs, generation_prompt)
 
     def _ids(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])

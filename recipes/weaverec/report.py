@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .config import RunConfig
-from .pipeline import Prepared, _write_json, eval_rows
+from .layout import Prepared, _write_json, eval_rows
 
 METRICS_LIKELIHOOD = ["HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR"]
 METRICS_GENERATE = ["NDCG@1", "NDCG@3", "NDCG@5", "MRR@5"]

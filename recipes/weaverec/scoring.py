@@ -15,18 +15,28 @@ Threads
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import statistics
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from adaptermerge.errors import ParameterError
+from recipe_common.scoring import (
+    _batches,
+    _cache_kwarg,
+    _model_device,
+    _output_cache,
+    _pad_left,
+    _pad_right,
+    _token_logprobs,
+    bar_label,
+    position_ids_from_mask,
+    progress_bar,
+)
 
 from .prompts import PromptConfig, PromptEncoder, parse_titles
 from .types import Sample
@@ -44,92 +54,6 @@ class CandidateScores:
     def logprob_mean(self) -> np.ndarray:
         """Length-normalised log-likelihood (mean per answer token)."""
         return self.logprob_sum / self.n_tokens
-
-
-def _pad_left(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _pad_right(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def position_ids_from_mask(mask: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
-    """Positions 0.. counted over real tokens only (left padding gets 0), plus an optional per-row offset."""
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return pos if offset is None else pos + offset[:, None]
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """Name of the KV-cache argument of the model's forward: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
-
-
-def _output_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-def _batches(n: int, size: int) -> Iterator[range]:
-    for start in range(0, n, size):
-        yield range(start, min(n, start + size))
-
-
-def bar_label(action: str, label: str | None) -> str:
-    """A progress-bar description naming what is worked on ("training target", "scoring WeaveRec"), markup-safe."""
-    from rich.markup import escape
-
-    return escape(f"{action} {label}" if label else action)
-
-
-def progress_bar(enabled: bool, *extra_columns):
-    """A rich progress bar on stderr (description, bar, m/n, extra columns, elapsed, remaining), or a null context."""
-    if not enabled:
-        return nullcontext(None)
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        *extra_columns,
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-    )
-
-
-def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] (float32 math, float64 result), without materialising the full log-softmax."""
-    logits = logits.float()
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (picked - torch.logsumexp(logits, dim=-1)).double()
 
 
 @torch.inference_mode()

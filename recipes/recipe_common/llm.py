@@ -1,4 +1,4 @@
-"""Base LLM handling for WeaveRec: resolve/convert the base model, tiny test models, loading for evaluation.
+"""Base LLM handling shared by the recipes: resolve/convert the base model, tiny test models, loading for evaluation.
 
 Nothing here downloads: importing this module sets ``HF_HUB_OFFLINE=1`` and ``TRANSFORMERS_OFFLINE=1`` and every
 ``from_pretrained`` call passes ``local_files_only=True``.
@@ -16,7 +16,8 @@ Base model specs
 any other string
     a local Hugging Face model directory, used as is.
 
-The default cache directory is ``$XDG_CACHE_HOME/adaptermerge/weaverec`` (``~/.cache/adaptermerge/weaverec``).
+The default cache directory is ``$XDG_CACHE_HOME/adaptermerge/weaverec`` (``~/.cache/adaptermerge/weaverec``; the
+name predates the second recipe and is kept so that existing conversions are reused).
 """
 
 from __future__ import annotations
