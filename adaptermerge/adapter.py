@@ -891,10 +891,14 @@ def _place(src: Path, dst: Path, *, force: bool, is_file: bool, folder_checked: 
     _remove_old(old)  # a link to a folder: only the link goes, never the folder it points to
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory onto ``dst``, replacing an existing folder its caller has checked (e.g. a pipeline
-    folder of adapters); a FIFO, device, socket or dangling link there is still refused."""
-    _place(src, dst, force=True, is_file=False, folder_checked=True)
+def place_output(src: Path, dst: Path, *, force: bool, is_file: bool, folder_checked: bool = False) -> None:
+    """:func:`_place` for writers outside this module (the format layer's sinks): the no-replace final rename, with
+    a failed rename as an :class:`OutputError`. ``folder_checked``: an existing folder at ``dst`` was checked by the
+    caller (e.g. a pipeline folder of adapters); a FIFO, device, socket or dangling link there is still refused."""
+    try:
+        _place(src, dst, force=force, is_file=is_file, folder_checked=folder_checked)
+    except OSError as e:
+        raise OutputError(f"{dst}: cannot move the finished output into place: {e.strerror or e}") from None
 
 
 def _real(path: str | os.PathLike) -> str:
@@ -928,13 +932,24 @@ def _within(inner: str, outer: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 
-def check_output_path(target: Path, *, force: bool, inputs: list[Path]) -> None:
+def check_output_path(target: Path, *, force: bool, inputs: list[Path], is_file: bool | None = None) -> None:
     """Refuse an output that exists without ``force``, that lies inside (or is) an input or contains one, or
     (even with ``force``) anything but a regular file or an adapter folder: replacing it would delete it.
 
-    Every input's real location is protected: the input path, its weights and config files and its folder, each with
-    all symbolic links followed (a weights file that is a link into another folder protects that folder too).
+    Every input's real location is protected (:func:`protect_inputs`). ``is_file``: whether the output is one file
+    (default: a name ending in ``.safetensors``; the format layer's GGUF/kohya/diffusers files pass True).
     """
+    protect_inputs(target, inputs)
+    if os.path.lexists(target):  # (never raises: an unreachable target fails later, at mkdir, as an OutputError)
+        if not force:
+            raise OutputError(f"{target} already exists; pass {option('--force', 'force=True')} to replace it")
+        _replaceable(target, is_file=target.suffix == ".safetensors" if is_file is None else is_file)
+
+
+def protect_inputs(target: Path, inputs: list[Path]) -> None:
+    """Refuse an output that is, lies inside or contains an input's real location: the input path, its weights and
+    config files and its folder, each with all symbolic links followed (a weights file that is a link into another
+    folder protects that folder too)."""
     t = _real(target)
     for i in inputs:
         files, folders = input_locations(i)
@@ -943,7 +958,3 @@ def check_output_path(target: Path, *, force: bool, inputs: list[Path]) -> None:
                 raise ParameterError(f"output {target} is inside input {i}; choose another output path")
             if _within(loc, t):
                 raise ParameterError(f"output {target} contains input {i}; replacing it would delete the input, choose another output path")
-    if os.path.lexists(target):  # (never raises: an unreachable target fails later, at mkdir, as an OutputError)
-        if not force:
-            raise OutputError(f"{target} already exists; pass {option('--force', 'force=True')} to replace it")
-        _replaceable(target, is_file=target.suffix == ".safetensors")

@@ -725,3 +725,72 @@ def test_input_path_too_long_is_a_clean_error(tmp_path, capsys):
         assert code == 3, err[:300]
         assert "File name too long" in one_line(err) and len(one_line(err)) <= 4100
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------ format-layer sinks
+def test_format_sinks_protect_every_inputs_real_location(tmp_path):
+    """The GGUF file check and the pipeline-folder check protect inputs like the engine's writer: an input folder's
+    config file is never a GGUF output, and a pipeline folder holding an input's real weights (reached through a
+    link inside the input folder) is never replaced, even with force."""
+    from adaptermerge.formats.gguf_io import check_file_output
+    from adaptermerge.formats.sinks import check_pipeline_target
+
+    a = write_adapter(tmp_path / "a", SMALL, r=2, alpha=4)
+    before = snapshot(tmp_path)
+    with pytest.raises(am.ParameterError, match=r"adapter_config\.json is inside input .*/a; choose another output path"):
+        check_file_output(a / "adapter_config.json", force=True, inputs=[a], create_parent=False)
+    p = tmp_path / "p"
+    (p / "unet").mkdir(parents=True)
+    (p / "text_encoder").mkdir()
+    os.replace(a / "adapter_model.safetensors", p / "unet" / "real.safetensors")
+    os.symlink(p / "unet" / "real.safetensors", a / "adapter_model.safetensors")
+    after_move = snapshot(tmp_path)
+    with pytest.raises(am.ParameterError, match=r"output .*/p contains input .*/a; replacing it would delete the input"):
+        check_pipeline_target(p, force=True, inputs=[a])
+    assert snapshot(tmp_path) == after_move and len(before) > 0
+
+
+def test_gguf_output_that_appears_meanwhile_is_not_replaced(tmp_path, monkeypatch):
+    """The GGUF writer's final rename is the engine's no-replace rename: a file created at the output while the
+    GGUF was written survives, the call fails naming it, and no temporary is left."""
+    import adaptermerge.formats as F
+
+    src = write_adapter(tmp_path / "p", r=4, alpha=8.0)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"num_attention_heads": 4, "num_key_value_heads": 2}))
+    out = tmp_path / "o" / "a.gguf"
+    real_place = am_adapter._place
+
+    def race(s, dst, **kw):
+        dst.write_bytes(b"the other run's output")
+        return real_place(s, dst, **kw)
+
+    monkeypatch.setattr(am_adapter, "_place", race)
+    with pytest.raises(am.OutputError, match=r"a\.gguf appeared while this merge ran \(another merge\?\); not replacing it"):
+        F.save(F.load(src), out, to="gguf", base=tmp_path / "hf")
+    assert out.read_bytes() == b"the other run's output"
+    assert temps(tmp_path) == []
+
+
+def test_pipeline_folder_that_appears_meanwhile_is_not_replaced(tmp_path, monkeypatch, capsys):
+    """A pipeline LoRA written as a folder of PEFT adapters: without --force, a folder created at the output while
+    it was written is kept (exit 5) and nothing of the run is left behind."""
+    from test_formats import kohya_file
+
+    f = tmp_path / "k.safetensors"
+    kohya_file(f)
+    out = tmp_path / "p"
+    real_place = am_adapter._place
+
+    def race(s, dst, **kw):
+        if dst == out:  # (the component folders inside the temporary are placed first)
+            dst.mkdir()
+            (dst / "notes.txt").write_text("someone else's")
+        return real_place(s, dst, **kw)
+
+    monkeypatch.setattr(am_adapter, "_place", race)
+    code, _, err = cli(capsys, "convert", f, "--to", "peft", "-o", out)
+    assert code == 5, err
+    assert one_line(err) == f"error: {out} appeared while this merge ran (another merge?); not replacing it: pass --force to replace it"
+    assert sorted(x.name for x in out.iterdir()) == ["notes.txt"]
+    assert temps(tmp_path) == []

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapter import Adapter, LoraModule, check_output_path
+from ..adapter import Adapter, LoraModule, check_output_path, place_output
 from ..errors import InputError, OutputError, ParameterError
 from ..safetensors_io import apply_umask, temp_prefix
 from . import names as N
@@ -165,18 +165,8 @@ def load_gguf(path: Path, *, base: Path | None = None, ignore_unknown: bool = Fa
 
 def check_file_output(target: Path, *, force: bool, inputs: list[Path], create_parent: bool = True) -> None:
     """Output checks for a single-file output of any extension (PEFT's rules for the rest)."""
-    if not os.path.lexists(target):
-        check_output_path(target, force=force, inputs=inputs)
-    else:
-        if any(Path(i).resolve() == target.resolve() for i in inputs):
-            raise ParameterError(f"output {target} is input {target}; choose another output path")
-        if not force:
-            raise OutputError(f"{target} already exists; pass --force (force=True) to replace it")
-        if target.is_dir():
-            raise OutputError(f"{target} is a directory; cannot replace it with a file")
-        from ..adapter import _replaceable
-
-        _replaceable(target, is_file=True)  # a FIFO, a device, a socket or a dangling link is never replaced
+    # every input's real location protected; only a regular file replaced (never a FIFO, device, socket, folder)
+    check_output_path(target, force=force, inputs=inputs, is_file=True)
     if not create_parent:
         return
     try:
@@ -247,7 +237,7 @@ def write_gguf(adapter: Adapter, target: Path, *, force: bool, arch: str | None,
         w.close()
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        place_output(Path(tmp), target, force=force, is_file=True)  # no-replace: an output that appeared meanwhile stays
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -122,16 +122,13 @@ def is_pipeline_folder(target: Path) -> bool:
 
 
 def check_pipeline_target(target: Path, *, force: bool, inputs: list[Path]) -> None:
-    from ..adapter import check_output_path
+    from ..adapter import check_output_path, protect_inputs
     from ..errors import OutputError
 
     if not os.path.lexists(target) or not is_pipeline_folder(target):
         check_output_path(target, force=force, inputs=inputs)  # PEFT's rules, in their words
         return
-    t = target.resolve()
-    for i in inputs:
-        if t == Path(i).resolve() or t in Path(i).resolve().parents:
-            raise ParameterError(f"output {target} contains input {i}; replacing it would delete the input, choose another output path")
+    protect_inputs(target, inputs)  # every input's real location, links followed file by file
     if not force:
         raise OutputError(f"{target} already exists; pass --force (force=True) to replace it")
 
@@ -143,7 +140,7 @@ def write_peft_pipeline(adapter: Adapter, target: Path, comps: set, *, force: bo
     import shutil
     import tempfile
 
-    from ..adapter import _fsync_dir, _replace_dir
+    from ..adapter import _fsync_dir, place_output
     from ..safetensors_io import apply_umask, temp_prefix
     from .source import renamed
 
@@ -166,7 +163,7 @@ def write_peft_pipeline(adapter: Adapter, target: Path, comps: set, *, force: bo
             reports[comp] = write_peft(sub, tmp / comp, force=False, dtype=dtype, layout={n: layout[n] for n in names if n in layout},
                                        inputs=[], profile=profile)
         _fsync_dir(tmp)
-        _replace_dir(tmp, target)
+        place_output(tmp, target, force=force, is_file=False, folder_checked=True)  # no-replace without force
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
