@@ -466,3 +466,82 @@ def test_atomic_dir_write_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         llm_mod.atomic_dir_write(tmp_path / "out", boom)
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------- reductions and titles
+def _plain_sum(model, prompt_ids: list[int], cand: list[int]) -> float:
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt_ids + cand])).logits[0].double(), -1)
+    return sum(logp[len(prompt_ids) + j - 1, c].item() for j, c in enumerate(cand))
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_sum_mean_and_pmi_reductions_match_plain_forward_passes(tiny, tok, listed):
+    from dataclasses import replace
+
+    model = fresh_base(tiny)
+    cfg = replace(PROMPT, include_candidates=listed)
+    enc = PromptEncoder(tok, cfg)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    got = score_candidates_detailed(model, tok, SAMPLES, prompt=cfg, batch_size=3, max_rows=2, prior=True)
+    pmi = score_candidates(model, tok, SAMPLES, prompt=cfg, batch_size=2, reduction="pmi")
+    for s, g, p in zip(SAMPLES, got, pmi):
+        empty = replace(s, history=(), history_titles=())
+        sums, priors, lengths = [], [], []
+        for title in s.candidate_titles:
+            cand = tok(title, add_special_tokens=False)["input_ids"] + [end]
+            sums.append(_plain_sum(model, enc.prompt_ids(s), cand))
+            priors.append(_plain_sum(model, enc.prompt_ids(empty), cand))
+            lengths.append(len(cand))
+        np.testing.assert_allclose(g.reduce("sum"), sums, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(g.reduce("mean"), np.array(sums) / np.array(lengths), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(g.prior_sum, priors, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(p, np.array(sums) - np.array(priors), rtol=0, atol=1e-4)
+    assert not np.allclose(got[0].prior_sum, got[0].logprob_sum)  # the history really changes the scores
+    with pytest.raises(ParameterError, match="prior"):
+        score_candidates_detailed(model, tok, SAMPLES[:1], prompt=cfg)[0].reduce("pmi")
+    with pytest.raises(ParameterError, match="reduction"):
+        score_candidates(model, tok, SAMPLES[:1], prompt=cfg, reduction="max")
+
+
+@pytest.mark.parametrize("raw, shown, no_year", [
+    ("Matrix, The (1999)", "The Matrix (1999)", "The Matrix"),
+    ("Chorus Line, A (1985)", "A Chorus Line (1985)", "A Chorus Line"),
+    ("American in Paris, An (1951)", "An American in Paris (1951)", "An American in Paris"),
+    ("Appartement, L' (1996)", "L'Appartement (1996)", "L'Appartement"),
+    ("Boot, Das (1981)", "Das Boot (1981)", "Das Boot"),
+    ("Mariachi, El (1992)", "El Mariachi (1992)", "El Mariachi"),
+    ("Postino, Il (1994)", "Il Postino (1994)", "Il Postino"),
+    ("Misérables, Les (1995)", "Les Misérables (1995)", "Les Misérables"),
+    ("City of Lost Children, The (Cité des enfants perdus, La) (1995)",
+     "The City of Lost Children (La Cité des enfants perdus) (1995)", "The City of Lost Children (La Cité des enfants perdus)"),
+    ("Heat (1995)", "Heat (1995)", "Heat"),
+    ("Dr. Strangelove or: How I Learned to Stop Worrying and Love the Bomb (1963)",
+     "Dr. Strangelove or: How I Learned to Stop Worrying and Love the Bomb (1963)",
+     "Dr. Strangelove or: How I Learned to Stop Worrying and Love the Bomb"),
+    ("Three Colors: Red, The", "The Three Colors: Red", "The Three Colors: Red"),
+    ("Sense and Sensibility", "Sense and Sensibility", "Sense and Sensibility"),
+    ("Theater, Theatre (2001)", "Theater, Theatre (2001)", "Theater, Theatre"),  # "Theatre" is no article
+])
+def test_display_title_uninverts_articles_and_drops_year(raw, shown, no_year):
+    from weaverec.titles import display_title
+
+    assert display_title(raw) == shown
+    assert display_title(raw, keep_year=False) == no_year
+    assert display_title(raw, uninvert_articles=False) == raw
+
+
+def test_prompts_and_answers_use_the_display_titles(tok):
+    from dataclasses import replace
+
+    cfg = replace(PROMPT, uninvert_articles=True, keep_year=False, include_candidates=True)
+    s = make_sample("u", ["Matrix, The (1999)"], ["Boot, Das (1981)", "Heat (1995)"], 0)
+    enc = PromptEncoder(tok, cfg)
+    text = enc.prompt_text(s)
+    assert "[The Matrix]" in text and "[Das Boot || Heat]" in text and "1999" not in text
+    e = enc.encode_training(s)
+    answer = tok("Das Boot", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert list(e.input_ids[e.prompt_len :]) == answer
+    assert enc.encode_scoring(s).candidate_ids[1] == tuple(tok("Heat", add_special_tokens=False)["input_ids"]) + (answer[-1],)
+    # the default keeps the catalogue's text byte for byte
+    assert "Matrix, The (1999)" in PromptEncoder(tok, PROMPT).prompt_text(s)

@@ -47,6 +47,8 @@ class DataConfig:
     max_eval_users: int | None = 500
     noun: str = "movie"
     include_candidates: bool = True  # list the candidates in the prompt (the authors' protocol)
+    uninvert_articles: bool = False  # show "Matrix, The (1999)" as "The Matrix (1999)" in prompts and answers
+    keep_year: bool = True  # False drops a trailing "(1999)" from the titles the model sees
 
     def __post_init__(self) -> None:
         if self.loader not in ("movielens", "amazon2014", "table"):
@@ -126,7 +128,8 @@ class RunConfig:
         return Path(self.workdir) if self.workdir else Path("runs") / self.name
 
     def prompt(self) -> PromptConfig:
-        return PromptConfig(noun=self.data.noun, include_candidates=self.data.include_candidates)
+        return PromptConfig(noun=self.data.noun, include_candidates=self.data.include_candidates,
+                            uninvert_articles=self.data.uninvert_articles, keep_year=self.data.keep_year)
 
     def train_config(self) -> LoraTrainConfig:
         values = {"seed": self.seed, **self.lora}

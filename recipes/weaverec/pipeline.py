@@ -362,7 +362,7 @@ def _score_llm(cfg: RunConfig, row: dict, test: list[Sample], *, progress: bool)
         if cfg.eval.protocol == "generate":
             gens = generate_topk(model, tok, test, k=prompt.top_k, prompt=prompt, batch_size=cfg.eval.batch_size,
                                  max_seq_len=max_len, progress=progress)
-            extra["per_user"] = M.metrics_from_generations(gens, [s.target_title for s in test])
+            extra["per_user"] = M.metrics_from_generations(gens, [prompt.show(s.target_title) for s in test])
             extra["generations"] = gens
             scores = None
         else:

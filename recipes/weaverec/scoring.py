@@ -41,18 +41,45 @@ from .prompts import PromptConfig, PromptEncoder, parse_titles
 from .types import Sample
 
 
+#: How a candidate's token log-probabilities become one score (see :meth:`CandidateScores.reduce`).
+REDUCTIONS: tuple[str, ...] = ("sum", "mean", "pmi")
+
+
 @dataclass(frozen=True)
 class CandidateScores:
-    """Per-candidate log-likelihood of one sample, in the sample's candidate order."""
+    """Per-candidate log-likelihood of one sample, in the sample's candidate order.
+
+    ``prior_sum`` (when computed) is the log-likelihood of the same answer after the same prompt *without any
+    history*: what the model would say about the title for anyone. Subtracting it gives a pointwise mutual
+    information score that no longer favours titles the model finds likely in general (short, famous, ...).
+    """
 
     logprob_sum: np.ndarray  # float64, shape (C,)
     n_tokens: np.ndarray  # int64, shape (C,): title tokens + end-of-turn token(s)
     n_history: int  # history titles kept in the prompt (after max_seq_len trimming)
+    prior_sum: np.ndarray | None = None  # float64, shape (C,): log-likelihood under the no-history prompt
 
     @property
     def logprob_mean(self) -> np.ndarray:
         """Length-normalised log-likelihood (mean per answer token)."""
         return self.logprob_sum / self.n_tokens
+
+    @property
+    def pmi(self) -> np.ndarray:
+        """Calibrated score: log p(title | history) - log p(title | no history)."""
+        if self.prior_sum is None:
+            raise ParameterError("the PMI reduction needs the no-history prior: score with prior=True")
+        return self.logprob_sum - self.prior_sum
+
+    def reduce(self, reduction: str) -> np.ndarray:
+        """The candidate scores under ``reduction``: "sum", "mean" (per answer token) or "pmi"."""
+        if reduction == "sum":
+            return self.logprob_sum
+        if reduction == "mean":
+            return self.logprob_mean
+        if reduction == "pmi":
+            return self.pmi
+        raise ParameterError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
 
 
 @torch.inference_mode()
@@ -120,13 +147,17 @@ def score_candidates_detailed(
     batch_size: int = 4,
     max_rows: int = 32,
     max_seq_len: int | None = None,
+    prior: bool = False,
     progress: bool = False,
+    label: str = "scoring users",
 ) -> list[CandidateScores]:
     """Log-likelihood of every candidate of every sample (see the module docstring).
 
     ``batch_size`` is the number of samples whose prompts run in one forward pass; their candidates are then scored
     ``max_rows`` at a time, each row with a copy of its prompt's KV cache (memory ~ max_rows x prompt length).
-    ``max_seq_len`` trims the oldest history titles exactly as training does.
+    ``max_seq_len`` trims the oldest history titles exactly as training does. ``prior``: also score every candidate
+    after the same prompt with the history removed (``prior_sum``; see :class:`CandidateScores`). When the prompt
+    does not list the candidates, that prompt is the same for every user, so each distinct title is scored once.
     """
     if batch_size < 1 or max_rows < 1:
         raise ParameterError(f"batch_size and max_rows must be >= 1, got {batch_size} and {max_rows}")
@@ -137,16 +168,49 @@ def score_candidates_detailed(
     results: list[CandidateScores] = []
     try:
         with progress_bar(progress) as bar:
-            task = bar.add_task("scoring users", total=len(samples)) if bar else None
+            task = bar.add_task(label, total=len(samples)) if bar else None
             for idx in _batches(len(samples), batch_size):
                 inputs = [encoder.encode_scoring(samples[i], max_seq_len) for i in idx]
                 for x, (sums, counts) in zip(inputs, _score_batch(model, pad_id, inputs, max_rows)):
                     results.append(CandidateScores(sums, counts, x.n_history))
                 if bar:
                     bar.update(task, advance=len(idx))
+        if prior:
+            results = _with_prior(model, encoder, pad_id, samples, results, batch_size, max_rows)
     finally:
         model.train(was_training)
     return results
+
+
+def _no_history(sample: Sample, titles: Sequence[str] | None = None) -> Sample:
+    """``sample`` with its history removed (and, when given, ``titles`` as its candidates)."""
+    from dataclasses import replace
+
+    if titles is None:
+        return replace(sample, history=(), history_titles=())
+    return replace(sample, history=(), history_titles=(), candidates=tuple(titles), candidate_titles=tuple(titles),
+                   target=titles[0], target_title=titles[0], target_index=0)
+
+
+def _with_prior(model, encoder: PromptEncoder, pad_id: int, samples: Sequence[Sample],
+                results: list[CandidateScores], batch_size: int, max_rows: int) -> list[CandidateScores]:
+    from dataclasses import replace
+
+    if encoder.cfg.include_candidates:  # the prompt lists the candidates: one no-history prompt per sample
+        priors = []
+        for idx in _batches(len(samples), batch_size):
+            inputs = [encoder.encode_scoring(_no_history(samples[i])) for i in idx]
+            priors.extend(sums for sums, _ in _score_batch(model, pad_id, inputs, max_rows))
+    else:  # one prompt for everyone: score each distinct title once
+        titles = sorted({t for s in samples for t in s.candidate_titles})
+        chunks = [titles[i : i + max_rows] for i in range(0, len(titles), max_rows)]
+        by_title: dict[str, float] = {}
+        for idx in _batches(len(chunks), batch_size):
+            inputs = [encoder.encode_scoring(_no_history(samples[0], chunks[i])) for i in idx]
+            for i, (sums, _) in zip(idx, _score_batch(model, pad_id, inputs, max_rows)):
+                by_title.update(zip(chunks[i], sums.tolist()))
+        priors = [np.array([by_title[t] for t in s.candidate_titles], dtype=np.float64) for s in samples]
+    return [replace(r, prior_sum=p) for r, p in zip(results, priors)]
 
 
 def score_candidates(
@@ -161,9 +225,10 @@ def score_candidates(
     reduction: str = "sum",
     progress: bool = False,
 ) -> list[np.ndarray]:
-    """Per-sample arrays of candidate scores (higher = more likely): ``reduction`` "sum" or "mean" (per token)."""
-    if reduction not in ("sum", "mean"):
-        raise ParameterError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    """Per-sample arrays of candidate scores (higher = more likely): ``reduction`` "sum", "mean" (per token) or
+    "pmi" (sum minus the no-history prior)."""
+    if reduction not in REDUCTIONS:
+        raise ParameterError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     detailed = score_candidates_detailed(
         model,
         tokenizer,
@@ -172,15 +237,16 @@ def score_candidates(
         batch_size=batch_size,
         max_rows=max_rows,
         max_seq_len=max_seq_len,
+        prior=reduction == "pmi",
         progress=progress,
     )
-    return [d.logprob_sum if reduction == "sum" else d.logprob_mean for d in detailed]
+    return [d.reduce(reduction) for d in detailed]
 
 
 # ------------------------------------------------------------------------------------------------------ generation
 def _max_new_tokens(encoder: PromptEncoder, sample: Sample, k: int) -> int:
     """Room for the k longest candidate titles, separators and the end-of-turn token."""
-    lengths = sorted((len(encoder.answer_ids(t)) for t in sample.candidate_titles), reverse=True)
+    lengths = sorted((len(encoder.answer_ids(encoder.cfg.show(t))) for t in sample.candidate_titles), reverse=True)
     sep = len(encoder.answer_ids(encoder.cfg.separator))
     return sum(lengths[:k]) + k * sep + 8
 
@@ -304,6 +370,7 @@ def measure_scoring_latency(
 
 
 __all__ = [
+    "REDUCTIONS",
     "CandidateScores",
     "LatencyStats",
     "generate_topk",
