@@ -545,3 +545,19 @@ def test_prompts_and_answers_use_the_display_titles(tok):
     assert enc.encode_scoring(s).candidate_ids[1] == tuple(tok("Heat", add_special_tokens=False)["input_ids"]) + (answer[-1],)
     # the default keeps the catalogue's text byte for byte
     assert "Matrix, The (1999)" in PromptEncoder(tok, PROMPT).prompt_text(s)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_prefix_cached_training_equals_uncached(tiny, tmp_path, dropout):
+    """cache_prefix: the frozen layers below the adapted ones run once per sample; losses and weights unchanged."""
+    base = dict(r=4, alpha=8, dropout=dropout, lr=1e-2, warmup_ratio=0.0, epochs=2, batch_size=2, seed=3,
+                prompt=PROMPT, layers=(1,))
+    plain = train_lora(tiny, SAMPLES, tmp_path / "plain", LoraTrainConfig(**base), progress=False)
+    cached = train_lora(tiny, SAMPLES, tmp_path / "cached", LoraTrainConfig(cache_prefix=True, **base), progress=False)
+    assert plain.steps == cached.steps == 4
+    np.testing.assert_allclose(cached.losses, plain.losses, rtol=0, atol=1e-5)
+    assert json.loads((tmp_path / "cached" / "train_log.json").read_text())["prefix_cached_below_layer"] == 1
+    with safe_open(str(tmp_path / "plain" / "adapter_model.safetensors"), framework="pt") as fa, \
+            safe_open(str(tmp_path / "cached" / "adapter_model.safetensors"), framework="pt") as fb:
+        for k in fa.keys():
+            torch.testing.assert_close(fa.get_tensor(k), fb.get_tensor(k), rtol=0, atol=1e-5)

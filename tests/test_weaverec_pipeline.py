@@ -51,15 +51,18 @@ def finished_run(tmp_path_factory):
         "workdir": str(tmp / "run"),
         "data": {"loader": "table", "path": str(tmp / "data.csv"), "target": "books", "sources": ["games", "music"],
                  "user_split": "most", "history_len": 4, "n_candidates": 6, "max_train_samples": 16,
-                 "max_eval_users": 10, "noun": "item", "include_candidates": False},
+                 "max_eval_users": 10, "noun": "item", "include_candidates": False, "corrupt_sources": ["music"]},
         "model": {"base": str(model)},
         "lora": {"r": 4, "alpha": 8, "max_steps": 2, "batch_size": 4, "max_seq_len": 96, "lr": 1e-3},
         "merges": [
             {"name": "Naive model merging", "modules": "source", "method": "linear"},
             {"name": "WeaveRec", "modules": "hybrid", "method": "linear"},
             {"name": "WeaveRec (TIES)", "modules": "hybrid", "method": "ties", "params": {"density": 0.5}},
+            {"name": "WeaveRec (tuned weights)", "modules": "hybrid", "method": "linear", "weights": "tuned"},
         ],
-        "eval": {"n_boot": 50, "latency_users": 2, "sasrec": {"epochs": 2, "hidden": 16}},
+        "eval": {"n_boot": 50, "latency_users": 2, "sasrec": {"epochs": 2, "hidden": 16}, "protocols": ["uniform", "hard"],
+                 "reduction": "auto", "valid_users": 6, "tune_step": 0.5,
+                 "baselines": ["base", "sasrec", "popularity", "popularity-llm"]},
     })
     logs: list[str] = []
     report = run(cfg, log=logs.append, progress=False)
@@ -73,15 +76,18 @@ def test_report_has_every_row(finished_run):
     data = json.loads((rdir / "report.json").read_text())
     want = {"Base model (zero-shot)", "Target-only LoRA", "Data merging (pooled LoRA)", "Naive model merging", "WeaveRec",
             "WeaveRec (TIES)", "SASRec (non-LLM)", "Popularity (non-LLM)",
-            "Hybrid LoRA (books+games) alone", "Hybrid LoRA (books+music) alone"}
+            "Hybrid LoRA (books+games) alone", "Hybrid LoRA (books+music) alone",
+            "WeaveRec (tuned weights)", "Popularity (LLM's training samples)"}
     assert set(data["rows"]) == want
+    assert set(data["by_protocol"]) == {"uniform", "hard"} and set(data["by_protocol"]["hard"]["rows"]) == want
     for row in data["rows"].values():
         for m, s in row.items():
             assert 0.0 <= s["low"] <= s["mean"] <= s["high"] <= 1.0, (m, s)
             assert s["n"] == 10
     assert "WeaveRec - Target-only LoRA" in data["paired_differences"]
     md = (rdir / "report.md").read_text()
-    assert "| WeaveRec |" in md and "Cold start" in md and "Inference cost" in md
+    assert "| WeaveRec |" in md and "Cold start" in md and "Inference cost" in md and "popularity-matched" in md
+    assert "Corrupted source(s) music" in md and "Score reduction" in md and "Merge weights" in md
     # folding the merged delta into the base weights keeps the base model's size
     cost = data["inference_cost"]
     assert cost["WeaveRec"]["parameters"] == cost["Target-only LoRA"]["parameters"] == cost["Base model (zero-shot)"]["parameters"]
@@ -129,7 +135,72 @@ def test_rerun_resumes(finished_run):
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
 
 
+def _samples(cfg, name):
+    with open(cfg.run_dir / "data" / f"{name}.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_hard_protocol_reductions_and_llm_popularity(finished_run):
+    from weaverec.pipeline import valid_subset
+
+    cfg, _, _ = finished_run
+    test, hard = _samples(cfg, "target_test"), _samples(cfg, "target_test_hard")
+    assert [(s["user"], s["target"], s["target_index"]) for s in test] == [(s["user"], s["target"], s["target_index"]) for s in hard]
+    assert any(a["candidates"] != b["candidates"] for a, b in zip(test, hard))
+    # popularity fitted on the LLM's training samples only: the count of each item as a training target
+    counts: dict[str, int] = {}
+    for s in _samples(cfg, "target_train"):
+        counts[s["target"]] = counts.get(s["target"], 0) + 1
+    res = json.loads((cfg.run_dir / "eval" / "popularity-llm-s-training-samples.json").read_text())
+    for proto, samples in (("uniform", test), ("hard", hard)):
+        got = res["protocols"][proto]["scores"]
+        assert got == [[float(counts.get(c, 0)) for c in s["candidates"]] for s in samples]
+    # every LLM row: the reduction is the validation argmax; validation = the seeded subset of valid_users users
+    assert len(valid_subset(cfg, list(range(10)))) == 6
+    for name in ("base-model-zero-shot", "target-only-lora", "weaverec"):
+        r = json.loads((cfg.run_dir / "eval" / f"{name}.json").read_text())
+        nd = r["valid_ndcg10"]
+        assert set(nd) == {"sum", "mean", "pmi"} and r["valid_users"] == 6
+        assert nd[r["reduction"]] == max(nd.values())
+        assert set(r["protocols"]) == {"uniform", "hard"}
+
+
+def test_tuned_weights_are_the_validation_argmax_and_merged_exactly(finished_run):
+    from weaverec.pipeline import simplex_grid
+
+    cfg, _, _ = finished_run
+    summ = json.loads((cfg.run_dir / "merged" / "weaverec-tuned-weights" / "merge_summary.json").read_text())
+    grid = summ["tuning"]["grid"]
+    assert [tuple(g["weights"]) for g in grid] == simplex_grid(3, 0.5)
+    assert len(grid) == 7 and grid[0]["weights"] == [1 / 3] * 3  # six grid points + the uniform average first
+    best = max(max(g["valid_ndcg10"].values()) for g in grid)
+    first_best = next(g for g in grid if max(g["valid_ndcg10"].values()) == best)
+    assert summ["weights"] == first_best["weights"]
+    mods = cfg.run_dir / "modules"
+    inputs = [read_deltas(mods / "target"), read_deltas(mods / "hybrid-games"), read_deltas(mods / "hybrid-music")]
+    merged = read_deltas(cfg.run_dir / "merged" / "weaverec-tuned-weights")
+    for k in merged:
+        want = sum(w * d[k] for w, d in zip(summ["weights"], inputs))
+        torch.testing.assert_close(merged[k], want, rtol=1e-5, atol=1e-7)
+
+
+def test_simplex_grid_and_bad_configs():
+    from adaptermerge.errors import ParameterError
+    from weaverec.pipeline import simplex_grid
+
+    g = simplex_grid(2, 0.25)
+    assert g == [(1.0, 0.0), (0.75, 0.25), (0.5, 0.5), (0.25, 0.75), (0.0, 1.0)]
+    assert len(simplex_grid(3, 0.25)) == 16 and all(abs(sum(w) - 1) < 1e-12 for w in simplex_grid(4, 0.25))
+    base = {"name": "x", "data": {"sources": ["a"], "target": "t"}}
+    for bad in ({"eval": {"reduction": "max"}}, {"eval": {"protocols": ["hard", "hard"]}}, {"eval": {"tune_step": 0.3}},
+                {"data": {"sources": ["a"], "target": "t", "corrupt_sources": ["b"]}},
+                {"merges": [{"name": "m", "weights": "best"}]}, {"merges": [{"name": "m", "weights": [1.0]}]},
+                {"merges": [{"name": "m", "method": "ties", "weights": "tuned"}]}):
+        with pytest.raises(ParameterError):
+            config_from_dict({**base, **bad})
+
+
 def test_shipped_configs_validate():
-    for name in ("quick", "full", "paper"):
+    for name in ("quick", "full", "paper", "harmful"):
         cfg = load_config(f"recipes/{name}.toml")
         assert cfg.merges and cfg.data.sources

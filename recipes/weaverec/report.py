@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .config import RunConfig
-from .pipeline import Prepared, _write_json, eval_rows
+from .pipeline import Prepared, _slug, _write_json, eval_rows
 
 METRICS_LIKELIHOOD = ["HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR"]
 METRICS_GENERATE = ["NDCG@1", "NDCG@3", "NDCG@5", "MRR@5"]
@@ -63,19 +63,17 @@ def write_report(cfg: RunConfig, prep: Prepared, results: Mapping[str, dict], tr
     rdir.mkdir(parents=True, exist_ok=True)
     names = [r["name"] for r in eval_rows(cfg) if r["name"] in results]
     metric_names = METRICS_GENERATE if cfg.eval.protocol == "generate" else METRICS_LIKELIHOOD
-    summaries: dict[str, dict[str, dict]] = {}
-    for n in names:
-        pu = {k: v for k, v in results[n]["per_user"].items() if k in metric_names}
-        summaries[n] = {k: s.as_dict() for k, s in M.summarize(pu, n_boot=cfg.eval.n_boot, seed=cfg.seed).items()}
-    weaverec = next((m.name for m in cfg.merges if m.modules == "hybrid" and m.name in results), None)
-    diffs: dict[str, dict] = {}
-    if weaverec:
-        for other in ["Target-only LoRA", "Data merging (pooled LoRA)", *[m.name for m in cfg.merges if m.modules == "source"]]:
-            if other in results:
-                a = {k: results[weaverec]["per_user"][k] for k in metric_names}
-                b = {k: results[other]["per_user"][k] for k in metric_names}
-                d = M.paired_difference(a, b, n_boot=cfg.eval.n_boot, seed=cfg.seed)
-                diffs[f"{weaverec} - {other}"] = {k: v.as_dict() for k, v in d.items()}
+    protocols = list(cfg.eval.protocols)
+    by_protocol: dict[str, dict] = {}
+    for p in protocols:
+        pus = {n: _per_user(results[n], p, protocols[0]) for n in names}
+        pus = {n: v for n, v in pus.items() if v is not None}
+        summ = {n: {k: st.as_dict() for k, st in M.summarize({k: v for k, v in pu.items() if k in metric_names},
+                                                                n_boot=cfg.eval.n_boot, seed=cfg.seed).items()}
+                for n, pu in pus.items()}
+        by_protocol[p] = {"rows": summ, "paired_differences": _paired(cfg, pus, metric_names)}
+    summaries = by_protocol[protocols[0]]["rows"]
+    diffs = by_protocol[protocols[0]]["paired_differences"]
     key_metric = "NDCG@10" if "NDCG@10" in metric_names else "NDCG@5"
     buckets: dict[str, dict] = {}
     edges = tuple(cfg.eval.buckets)
@@ -103,8 +101,15 @@ def write_report(cfg: RunConfig, prep: Prepared, results: Mapping[str, dict], tr
         "protocol": cfg.eval.protocol,
         "n_test_users": len(prep.target_test),
         "data": prep.stats.get("samples"),
+        "protocols": protocols,
+        "data_note": (f"Corrupted source(s) {', '.join(cfg.data.corrupt_sources)}: next items shuffled among the "
+                      "training samples (a deliberately harmful control)." if cfg.data.corrupt_sources else ""),
         "rows": summaries,
         "paired_differences": diffs,
+        "by_protocol": by_protocol,
+        "reductions": {n: {k: results[n][k] for k in ("reduction", "valid_ndcg10", "valid_users", "test_ndcg10_by_reduction")
+                           if k in results[n]} for n in names if results[n]["kind"] == "llm"},
+        "merge_weights": _merge_weights(cfg),
         "cold_start": {"metric": key_metric, "buckets": labels, "users_per_bucket": counts, "rows": buckets},
         "inference_cost": cost,
         "training": training,
@@ -121,11 +126,51 @@ def write_report(cfg: RunConfig, prep: Prepared, results: Mapping[str, dict], tr
     return report
 
 
-def _table(report: dict, metric_names: list[str]) -> str:
+def _per_user(res: Mapping[str, Any], protocol: str, first: str) -> dict | None:
+    by = res.get("protocols")
+    if by is None:  # a result written before candidate protocols existed: uniform negatives only
+        return res["per_user"] if protocol == first else None
+    return (by.get(protocol) or {}).get("per_user")
+
+
+PROTOCOL_TITLES = {
+    "uniform": "uniform negatives (comparable with the literature)",
+    "hard": "popularity-matched negatives (from the true item's popularity band)",
+}
+
+
+def _paired(cfg: RunConfig, pus: Mapping[str, dict], metric_names: list[str]) -> dict[str, dict]:
+    """Every WeaveRec-style merge (hybrid modules) against target-only, data merging and naive merging."""
+    from . import metrics as M
+
+    diffs: dict[str, dict] = {}
+    others = ["Target-only LoRA", "Data merging (pooled LoRA)", *[m.name for m in cfg.merges if m.modules == "source"]]
+    for w in [m.name for m in cfg.merges if m.modules == "hybrid" and m.name in pus]:
+        for other in others:
+            if other in pus:
+                a = {k: pus[w][k] for k in metric_names}
+                b = {k: pus[other][k] for k in metric_names}
+                d = M.paired_difference(a, b, n_boot=cfg.eval.n_boot, seed=cfg.seed)
+                diffs[f"{w} - {other}"] = {k: v.as_dict() for k, v in d.items()}
+    return diffs
+
+
+def _merge_weights(cfg: RunConfig) -> dict[str, Any]:
+    out = {}
+    for m in cfg.merges:
+        summ = json.loads(p.read_text()) if (p := cfg.run_dir / "merged" / _slug(m.name) / "merge_summary.json").exists() else {}
+        if "weights" in summ:
+            t = summ.get("tuning") or {}
+            out[m.name] = {"weights": summ["weights"], "tuned": bool(t), "valid_users": t.get("valid_users"),
+                           "grid_points": len(t.get("grid", [])) or None}
+    return out
+
+
+def _table(report: dict, metric_names: list[str], rows: Mapping[str, Any] | None = None) -> str:
     head = "| model | " + " | ".join(metric_names) + " |"
     sep = "|---|" + "---|" * len(metric_names)
     lines = [head, sep]
-    for n, s in report["rows"].items():
+    for n, s in (report["rows"] if rows is None else rows).items():
         lines.append(f"| {n} | " + " | ".join(_fmt(s[m]) for m in metric_names) + " |")
     return "\n".join(lines)
 
@@ -136,14 +181,36 @@ def _markdown(report: dict, metric_names: list[str], key_metric: str) -> str:
                f"{report['n_test_users']} test users; protocol `{report['protocol']}`; "
                f"mean over users with 95% bootstrap intervals.")
     out.append(f"Training samples: {report['data']}.")
-    out += ["", _table(report, metric_names), ""]
-    if len(report["sources"]) == 1:
-        out += ["With one source domain the pooled (data merging) module is the hybrid module itself: same data.", ""]
-    if report["paired_differences"]:
-        out += ["## Paired differences (same users, paired bootstrap)", "", "| comparison | " + " | ".join(metric_names) + " |",
-                "|---|" + "---|" * len(metric_names)]
-        for name, d in report["paired_differences"].items():
-            out.append(f"| {name} | " + " | ".join(f"{d[m]['mean']:+.4f} [{d[m]['low']:+.3f}, {d[m]['high']:+.3f}] p={d[m]['p_value']:.3f}" for m in metric_names) + " |")
+    if report.get("data_note"):
+        out.append(report["data_note"])
+    by = report.get("by_protocol") or {"uniform": {"rows": report["rows"], "paired_differences": report["paired_differences"]}}
+    for p, section in by.items():
+        out += ["", f"## Candidates: {PROTOCOL_TITLES.get(p, p)}", "", _table(report, metric_names, section["rows"]), ""]
+        if len(report["sources"]) == 1:
+            out += ["With one source domain the pooled (data merging) module is the hybrid module itself: same data.", ""]
+        if section["paired_differences"]:
+            out += [f"Paired differences, {p} negatives (same users, paired bootstrap):", "",
+                    "| comparison | " + " | ".join(metric_names) + " |", "|---|" + "---|" * len(metric_names)]
+            for name, d in section["paired_differences"].items():
+                out.append(f"| {name} | " + " | ".join(f"{d[m]['mean']:+.4f} [{d[m]['low']:+.3f}, {d[m]['high']:+.3f}] p={d[m]['p_value']:.3f}" for m in metric_names) + " |")
+            out.append("")
+    red = {n: r for n, r in (report.get("reductions") or {}).items() if r}
+    if red:
+        out += ["## Score reduction (chosen per model on the validation users, never on test)", "",
+                "Sum: log-likelihood of the title; mean: per title token; PMI: minus the same title's log-likelihood "
+                "without any history.", "",
+                "| model | reduction | validation NDCG@10 (sum / mean / PMI) | test NDCG@10 by reduction, for information |",
+                "|---|---|---|---|"]
+        f3 = lambda d: " / ".join("-" if d.get(k) is None else f"{d[k]:.4f}" for k in ("sum", "mean", "pmi"))  # noqa: E731
+        for n, r in red.items():
+            test = "; ".join(f"{p}: {f3(v)}" for p, v in (r.get("test_ndcg10_by_reduction") or {}).items())
+            out.append(f"| {n} | {r.get('reduction', '-')} | {f3(r.get('valid_ndcg10') or {})} | {test} |")
+        out.append("")
+    if report.get("merge_weights"):
+        out += ["## Merge weights (target-only module first)", "", "| merge | weights | chosen on |", "|---|---|---|"]
+        for n, w in report["merge_weights"].items():
+            how = f"validation NDCG@10, {w['valid_users']} users, {w['grid_points']} grid points" if w["tuned"] else "fixed"
+            out.append(f"| {n} | {', '.join(f'{x:.3f}' for x in w['weights'])} | {how} |")
         out.append("")
     cs = report["cold_start"]
     out += [f"## Cold start: {cs['metric']} by the user's target-domain history length", "",

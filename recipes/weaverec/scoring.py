@@ -192,6 +192,40 @@ def _no_history(sample: Sample, titles: Sequence[str] | None = None) -> Sample:
                    target=titles[0], target_title=titles[0], target_index=0)
 
 
+def no_history_priors(
+    model,
+    tokenizer,
+    titles: Sequence[str],
+    *,
+    prompt: PromptConfig | None = None,
+    batch_size: int = 4,
+    max_rows: int = 32,
+) -> dict[str, float]:
+    """Log-likelihood of each title as the answer to the "next" prompt without history (the PMI prior).
+
+    Only meaningful when the prompt does not list the candidates (then that prompt is the same for every user):
+    each distinct title is scored once, whatever the number of users or candidate sets.
+    """
+    encoder = PromptEncoder(tokenizer, prompt)
+    if encoder.cfg.include_candidates:
+        raise ParameterError("no_history_priors needs a prompt without the candidate list (include_candidates=False)")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    unique = sorted(set(titles))
+    chunks = [unique[i : i + max_rows] for i in range(0, len(unique), max_rows)]
+    probe = Sample("<prior>", "", (), (), "", "", (), (), 0, 0)
+    by_title: dict[str, float] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for idx in _batches(len(chunks), batch_size):
+            inputs = [encoder.encode_scoring(_no_history(probe, chunks[i])) for i in idx]
+            for i, (sums, _) in zip(idx, _score_batch(model, pad_id, inputs, max_rows)):
+                by_title.update(zip(chunks[i], sums.tolist()))
+    finally:
+        model.train(was_training)
+    return by_title
+
+
 def _with_prior(model, encoder: PromptEncoder, pad_id: int, samples: Sequence[Sample],
                 results: list[CandidateScores], batch_size: int, max_rows: int) -> list[CandidateScores]:
     from dataclasses import replace
@@ -202,15 +236,18 @@ def _with_prior(model, encoder: PromptEncoder, pad_id: int, samples: Sequence[Sa
             inputs = [encoder.encode_scoring(_no_history(samples[i])) for i in idx]
             priors.extend(sums for sums, _ in _score_batch(model, pad_id, inputs, max_rows))
     else:  # one prompt for everyone: score each distinct title once
-        titles = sorted({t for s in samples for t in s.candidate_titles})
-        chunks = [titles[i : i + max_rows] for i in range(0, len(titles), max_rows)]
-        by_title: dict[str, float] = {}
-        for idx in _batches(len(chunks), batch_size):
-            inputs = [encoder.encode_scoring(_no_history(samples[0], chunks[i])) for i in idx]
-            for i, (sums, _) in zip(idx, _score_batch(model, pad_id, inputs, max_rows)):
-                by_title.update(zip(chunks[i], sums.tolist()))
+        by_title = no_history_priors(model, encoder.tokenizer, [t for s in samples for t in s.candidate_titles],
+                                     prompt=encoder.cfg, batch_size=batch_size, max_rows=max_rows)
         priors = [np.array([by_title[t] for t in s.candidate_titles], dtype=np.float64) for s in samples]
     return [replace(r, prior_sum=p) for r, p in zip(results, priors)]
+
+
+def with_priors(scores: Sequence[CandidateScores], samples: Sequence[Sample], priors: dict[str, float]) -> list[CandidateScores]:
+    """``scores`` with ``prior_sum`` filled from a :func:`no_history_priors` table."""
+    from dataclasses import replace
+
+    return [replace(d, prior_sum=np.array([priors[t] for t in s.candidate_titles], dtype=np.float64))
+            for d, s in zip(scores, samples)]
 
 
 def score_candidates(
@@ -375,6 +412,8 @@ __all__ = [
     "LatencyStats",
     "generate_topk",
     "measure_scoring_latency",
+    "no_history_priors",
+    "with_priors",
     "position_ids_from_mask",
     "score_candidates",
     "score_candidates_detailed",

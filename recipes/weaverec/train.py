@@ -30,10 +30,13 @@ from .types import Sample
 @dataclass(frozen=True)
 class LoraTrainConfig(_common.LoraTrainConfig):
     """The shared LoRA settings (:class:`recipe_common.train.LoraTrainConfig`) plus WeaveRec's ``task`` ("next" or
-    "top5") and ``prompt`` wording."""
+    "top5"), ``prompt`` wording and ``cache_prefix`` (:func:`recipe_common.train.train_lora_encoded`: the hidden
+    states entering the lowest adapted layer are computed once per sample and reused for every epoch; the result
+    equals uncached training to float rounding)."""
 
     task: str = "next"
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    cache_prefix: bool = False  # with ``layers``: run the frozen layers below them once per sample, train above
 
     def _extra_checks(self) -> list[tuple[bool, str]]:
         return [(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")]
@@ -79,7 +82,8 @@ def train_lora(
 
     return _common.train_lora_encoded(
         base_model_dir, encode, out_dir, cfg,
-        fingerprint=samples_fingerprint(samples), n_samples=len(samples), progress=progress,
+        fingerprint=samples_fingerprint(samples), n_samples=len(samples), cache_prefix=cfg.cache_prefix,
+        progress=progress,
     )
 
 
