@@ -561,3 +561,42 @@ def test_prefix_cached_training_equals_uncached(tiny, tmp_path, dropout):
             safe_open(str(tmp_path / "cached" / "adapter_model.safetensors"), framework="pt") as fb:
         for k in fa.keys():
             torch.testing.assert_close(fa.get_tensor(k), fb.get_tensor(k), rtol=0, atol=1e-5)
+
+
+def test_shared_lower_layer_scoring_equals_per_model_scoring(tiny, tok, tmp_path):
+    """Layers below the adapted ones run once for all models; every model's scores (sum, mean, PMI) are unchanged."""
+    from dataclasses import replace
+
+    from weaverec.scoring import SharedPrefixScorer
+
+    base_cfg = dict(r=4, alpha=8, dropout=0.0, lr=3e-2, warmup_ratio=0.0, max_steps=3, batch_size=2, prompt=PROMPT,
+                    layers=(1,))
+    for seed in (1, 2):
+        train_lora(tiny, SAMPLES, tmp_path / f"top{seed}", LoraTrainConfig(seed=seed, **base_cfg), progress=False)
+    cfg = replace(PROMPT, include_candidates=False)
+    models = {"base": None, "a": tmp_path / "top1", "b": tmp_path / "top2"}
+    want = {n: score_candidates_detailed(load_for_eval(tiny, a), tok, SAMPLES, prompt=cfg, batch_size=2, max_rows=3,
+                                         prior=True) for n, a in models.items()}
+    base = fresh_base(tiny)
+    scorer = SharedPrefixScorer(base, first_layer=1)
+    for n, a in models.items():
+        scorer.add(n, base if a is None else load_for_eval(tiny, a))
+    got = scorer.score(tok, SAMPLES, prompt=cfg, batch_size=3, max_rows=4, prior=True)
+    for n in models:
+        for g, w in zip(got[n], want[n]):
+            np.testing.assert_array_equal(g.n_tokens, w.n_tokens)
+            for r in ("sum", "mean", "pmi"):
+                np.testing.assert_allclose(g.reduce(r), w.reduce(r), rtol=0, atol=1e-5)
+    assert not np.allclose(got["a"][0].logprob_sum, got["base"][0].logprob_sum, atol=1e-3)  # the models really differ
+    # the base model is left intact, and a model that differs below the shared layers is refused
+    np.testing.assert_allclose(score_candidates_detailed(base, tok, SAMPLES[:1], prompt=cfg)[0].logprob_sum,
+                               want["base"][0].logprob_sum, rtol=0, atol=1e-5)
+    with pytest.raises(ParameterError, match="below layer 1"):
+        SharedPrefixScorer(fresh_base(tiny), first_layer=1).add("all-layers", _all_layer_model(tiny, tmp_path))
+
+
+def _all_layer_model(tiny, tmp_path):
+    cfg = LoraTrainConfig(r=4, alpha=8, dropout=0.0, lr=3e-2, warmup_ratio=0.0, max_steps=2, batch_size=2, seed=0,
+                          prompt=PROMPT)
+    train_lora(tiny, SAMPLES[:2], tmp_path / "all", cfg, progress=False)
+    return load_for_eval(tiny, tmp_path / "all")

@@ -27,6 +27,8 @@ import torch
 from adaptermerge.errors import ParameterError
 from recipe_common.scoring import (
     _batches,
+    _decoder,
+    _layer_slice,
     _cache_kwarg,
     _model_device,
     _output_cache,
@@ -280,6 +282,160 @@ def score_candidates(
     return [d.reduce(reduction) for d in detailed]
 
 
+# ------------------------------------------------------------------------------------------- shared lower layers
+class SharedPrefixScorer:
+    """Candidate scores of several models that differ only in their decoder layers ``first_layer..`` (e.g. LoRA
+    adapters on the top layers, folded), with the layers below run once per sample for all of them.
+
+    ``scorer = SharedPrefixScorer(base, first_layer)``; ``scorer.add(name, model)`` takes over that model's layers
+    ``first_layer..`` and final norm, after checking that its embeddings, lower layers and LM head are bit-identical
+    to ``base``'s (a :class:`ParameterError` otherwise); ``scorer.score(tokenizer, samples, ...)`` returns
+    ``{name: [CandidateScores, ...]}``. Per batch of samples: the prompts and candidate continuations run through
+    layers ``< first_layer`` once (KV cache shared as in :func:`score_candidates_detailed`); then, per model, the
+    cached hidden states run through that model's upper layers. The scores equal :func:`score_candidates_detailed`
+    on each model to float rounding.
+    """
+
+    def __init__(self, base, first_layer: int):
+        inner, _ = _decoder(base)
+        if not 0 < first_layer < len(inner.layers):
+            raise ParameterError(f"first_layer must be in [1, {len(inner.layers) - 1}], got {first_layer}")
+        self.base, self.first_layer = base.eval(), first_layer
+        self.n_layers = len(inner.layers)
+        self._fixed = {k: v for k, v in base.state_dict().items() if not self._is_upper(k)}
+        self.uppers: dict[str, tuple[torch.nn.ModuleList, torch.nn.Module]] = {}
+
+    def _is_upper(self, key: str) -> bool:
+        parts = key.split(".")
+        if "layers" in parts:
+            i = parts.index("layers")
+            return int(parts[i + 1]) >= self.first_layer
+        return key.startswith("model.norm.")
+
+    def add(self, name: str, model) -> None:
+        inner, _ = _decoder(model)
+        if len(inner.layers) != self.n_layers:
+            raise ParameterError(f"model {name!r} has {len(inner.layers)} layers, the base {self.n_layers}")
+        state = model.state_dict()
+        for k, v in self._fixed.items():
+            if k not in state or not torch.equal(state[k], v):
+                raise ParameterError(f"model {name!r} differs from the base below layer {self.first_layer} ({k}): "
+                                     "its lower layers cannot be shared")
+        layers = torch.nn.ModuleList(list(inner.layers)[self.first_layer :])
+        norm = inner.norm
+        if model is self.base:  # keep the base model itself intact
+            layers, norm = copy.deepcopy(layers), copy.deepcopy(norm)
+        for j, layer in enumerate(layers):  # the upper pass runs with its own cache, indexed from 0
+            layer.self_attn.layer_idx = j
+        self.uppers[name] = (layers.eval(), norm.eval())
+
+    @torch.inference_mode()
+    def _lower(self, pad_id: int, inputs: Sequence, max_rows: int) -> dict:
+        from transformers import DynamicCache
+
+        inner, _ = _decoder(self.base)
+        device = _model_device(self.base)
+        p_ids, p_mask = _pad_left([x.prompt_ids for x in inputs], pad_id, device)
+        p_pos = position_ids_from_mask(p_mask)
+        with _layer_slice(inner, 0, self.first_layer, final_norm=False):
+            out = inner(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, cache=DynamicCache())
+            prompt_cache = out.cache
+            h_prompt = out.last_hidden_state
+            prompt_len = p_mask.sum(-1)
+            owner = [b for b, x in enumerate(inputs) for _ in x.candidate_ids]
+            rows = [c for x in inputs for c in x.candidate_ids]
+            chunks = []
+            for lo in range(0, len(rows), max_rows):
+                hi = min(len(rows), lo + max_rows)
+                own = torch.tensor(owner[lo:hi], dtype=torch.long, device=device)
+                cache = copy.deepcopy(prompt_cache)
+                cache.batch_select_indices(own)
+                c_ids, c_mask = _pad_right(rows[lo:hi], pad_id, device)
+                c_pos = position_ids_from_mask(c_mask) + prompt_len[own][:, None]
+                o = inner(input_ids=c_ids, attention_mask=torch.cat([p_mask[own], c_mask], dim=1), position_ids=c_pos,
+                          use_cache=True, cache=cache)
+                chunks.append((own, c_ids, c_mask, c_pos, o.last_hidden_state))
+                del cache
+        return {"p_mask": p_mask, "p_pos": p_pos, "h_prompt": h_prompt, "chunks": chunks, "n_rows": len(rows)}
+
+    @torch.inference_mode()
+    def _upper(self, name: str, low: dict) -> tuple[np.ndarray, np.ndarray]:
+        from transformers import DynamicCache
+
+        inner, head = _decoder(self.base)
+        layers, norm = self.uppers[name]
+        saved = inner.layers, inner.norm
+        inner.layers, inner.norm = layers, norm
+        try:
+            p_mask = low["p_mask"]
+            out = inner(inputs_embeds=low["h_prompt"], attention_mask=p_mask, position_ids=low["p_pos"], use_cache=True,
+                        cache=DynamicCache())
+            last_logits = head(out.last_hidden_state[:, -1, :])
+            prompt_cache = out.cache
+            sums = np.zeros(low["n_rows"], dtype=np.float64)
+            counts = np.zeros(low["n_rows"], dtype=np.int64)
+            lo = 0
+            for own, c_ids, c_mask, c_pos, h in low["chunks"]:
+                hi = lo + len(own)
+                cache = copy.deepcopy(prompt_cache)
+                cache.batch_select_indices(own)
+                o = inner(inputs_embeds=h, attention_mask=torch.cat([p_mask[own], c_mask], dim=1), position_ids=c_pos,
+                          use_cache=True, cache=cache)
+                tok_logp = torch.empty(c_ids.shape, dtype=torch.float64, device=c_ids.device)
+                tok_logp[:, 0] = _token_logprobs(last_logits[own], c_ids[:, 0])
+                if c_ids.shape[1] > 1:
+                    tok_logp[:, 1:] = _token_logprobs(head(o.last_hidden_state[:, :-1, :]), c_ids[:, 1:])
+                sums[lo:hi] = (tok_logp * c_mask).sum(-1).cpu().numpy()
+                counts[lo:hi] = c_mask.sum(-1).cpu().numpy()
+                lo = hi
+                del cache, o
+        finally:
+            inner.layers, inner.norm = saved
+        return sums, counts
+
+    def score(self, tokenizer, samples: Sequence[Sample], *, prompt: PromptConfig | None = None, batch_size: int = 4,
+              max_rows: int = 32, max_seq_len: int | None = None, prior: bool = False,
+              progress: bool = False, label: str = "scoring users (shared lower layers)") -> dict[str, list[CandidateScores]]:
+        """Scores of every added model on ``samples`` (see the class docstring); ``prior`` as in
+        :func:`score_candidates_detailed` (only without a candidate list in the prompt)."""
+        if batch_size < 1 or max_rows < 1:
+            raise ParameterError(f"batch_size and max_rows must be >= 1, got {batch_size} and {max_rows}")
+        if not self.uppers:
+            raise ParameterError("SharedPrefixScorer: add at least one model before scoring")
+        encoder = PromptEncoder(tokenizer, prompt)
+        if prior and encoder.cfg.include_candidates:
+            raise ParameterError("SharedPrefixScorer computes the PMI prior only for prompts without a candidate list")
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        out: dict[str, list[CandidateScores]] = {n: [] for n in self.uppers}
+        with progress_bar(progress) as bar:
+            task = bar.add_task(label, total=len(samples)) if bar else None
+            for idx in _batches(len(samples), batch_size):
+                inputs = [encoder.encode_scoring(samples[i], max_seq_len) for i in idx]
+                low = self._lower(pad_id, inputs, max_rows)
+                for name in self.uppers:
+                    sums, counts = self._upper(name, low)
+                    start = 0
+                    for x in inputs:
+                        n = len(x.candidate_ids)
+                        out[name].append(CandidateScores(sums[start : start + n], counts[start : start + n], x.n_history))
+                        start += n
+                if bar:
+                    bar.update(task, advance=len(idx))
+            if prior:
+                titles = sorted({t for s in samples for t in s.candidate_titles})
+                chunks = [titles[i : i + max_rows] for i in range(0, len(titles), max_rows)]
+                probe = Sample("<prior>", "", (), (), "", "", (), (), 0, 0)
+                by_title: dict[str, dict[str, float]] = {n: {} for n in self.uppers}
+                for idx in _batches(len(chunks), batch_size):
+                    inputs = [encoder.encode_scoring(_no_history(probe, chunks[i])) for i in idx]
+                    low = self._lower(pad_id, inputs, max_rows)
+                    for name in self.uppers:
+                        sums, _ = self._upper(name, low)
+                        by_title[name].update(zip([t for i in idx for t in chunks[i]], sums.tolist()))
+                out = {n: with_priors(v, samples, by_title[n]) for n, v in out.items()}
+        return out
+
+
 # ------------------------------------------------------------------------------------------------------ generation
 def _max_new_tokens(encoder: PromptEncoder, sample: Sample, k: int) -> int:
     """Room for the k longest candidate titles, separators and the end-of-turn token."""
@@ -408,6 +564,7 @@ def measure_scoring_latency(
 
 __all__ = [
     "REDUCTIONS",
+    "SharedPrefixScorer",
     "CandidateScores",
     "LatencyStats",
     "generate_topk",
