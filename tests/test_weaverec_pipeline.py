@@ -204,3 +204,52 @@ def test_shipped_configs_validate():
     for name in ("quick", "full", "paper", "harmful"):
         cfg = load_config(f"recipes/{name}.toml")
         assert cfg.merges and cfg.data.sources
+
+
+def test_shared_lower_layers_and_prefix_cache_give_the_same_run(tmp_path):
+    """Top-layer LoRA: cached training + shared-lower-layer scoring (all rows and the weight grid in one pass) give
+    the scores, reductions and tuned weights of plain per-model scoring."""
+    import dataclasses
+
+    titles = write_table(tmp_path / "data.csv")
+    model = tiny_llama(tmp_path / "model", texts=titles)
+    raw = {
+        "name": "tiny-shared", "seed": 5, "workdir": str(tmp_path / "run"),
+        "data": {"loader": "table", "path": str(tmp_path / "data.csv"), "target": "books", "sources": ["games"],
+                 "user_split": "most", "history_len": 4, "n_candidates": 6, "max_train_samples": 12,
+                 "max_eval_users": 8, "noun": "item", "include_candidates": False},
+        "model": {"base": str(model)},
+        "lora": {"r": 4, "alpha": 8, "max_steps": 3, "batch_size": 4, "max_seq_len": 96, "lr": 3e-2, "layers": [1],
+                 "cache_prefix": True, "warmup_ratio": 0.0},
+        "merges": [{"name": "WeaveRec", "modules": "hybrid"},
+                   {"name": "Tuned", "modules": "hybrid", "weights": "tuned"}],
+        "eval": {"n_boot": 20, "latency_users": 2, "protocols": ["uniform", "hard"], "reduction": "auto",
+                 "valid_users": 5, "tune_step": 0.5, "baselines": ["base", "popularity"], "shared_layers": True},
+    }
+    cfg = config_from_dict(raw)
+    logs: list[str] = []
+    run(cfg, log=logs.append, progress=False)
+    assert any("scored together (layers below 1 shared)" in line for line in logs)
+    shared = {p.name: json.loads(p.read_text()) for p in (cfg.run_dir / "eval").glob("*.json")}
+    tuned_shared = json.loads((cfg.run_dir / "merged" / "tuned" / "merge_summary.json").read_text())["tuning"]
+    plain_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, shared_layers=False))
+    logs = []
+    run(plain_cfg, log=logs.append, progress=False)
+    assert not any("scored together" in line for line in logs)
+    tuned_plain = json.loads((cfg.run_dir / "merged" / "tuned" / "merge_summary.json").read_text())["tuning"]
+    for a, b in zip(tuned_shared["grid"], tuned_plain["grid"]):
+        assert a["weights"] == b["weights"]
+        assert a["valid_ndcg10"] == pytest.approx(b["valid_ndcg10"], abs=1e-9)
+    llm = 0
+    for name, a in shared.items():
+        b = json.loads((cfg.run_dir / "eval" / name).read_text())
+        if a["kind"] != "llm":
+            continue
+        llm += 1
+        assert a["reduction"] == b["reduction"] and a["valid_ndcg10"] == pytest.approx(b["valid_ndcg10"], abs=1e-9)
+        for p in ("uniform", "hard"):
+            np.testing.assert_allclose(np.array(a["protocols"][p]["scores"]), np.array(b["protocols"][p]["scores"]), atol=2e-4)
+            assert a["protocols"][p]["per_user"] == b["protocols"][p]["per_user"]
+    assert llm == 5  # base, target-only, data merging (= the hybrid), WeaveRec, tuned
+    log = json.loads((cfg.run_dir / "modules" / "target" / "train_log.json").read_text())
+    assert log["prefix_cached_below_layer"] == 1

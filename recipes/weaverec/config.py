@@ -109,6 +109,7 @@ class EvalConfig:
     hard_band: int | None = None  # hard negatives: popularity-rank window width (default 4 x (candidates - 1))
     valid_users: int | None = None  # validation users for choosing the reduction and tuned weights (None: all)
     tune_step: float = 0.25  # tuned merge weights: grid step on the simplex
+    shared_layers: bool = False  # run the layers below lora.layers once for all models (likelihood, no candidate list)
     batch_size: int = 4
     max_rows: int = 32
     n_boot: int = 1000

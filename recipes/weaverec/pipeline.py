@@ -346,12 +346,24 @@ def tune_weights(spec: MergeSpec, cfg: RunConfig, prep: Prepared, adapters, rank
         return {k: v for k, v in cached.items() if k != "fingerprint"}
     grid = simplex_grid(len(adapters), cfg.eval.tune_step)
     points = []
+    shared = {}
+    if _shared_first_layer(cfg) is not None:  # every grid point in one pass over the validation users
+        dirs = {}
+        for i, w in enumerate(grid):
+            dirs[str(i)] = tdir / f"point-{i}"
+            am.merge(adapters, spec.method, list(w), rank=rank, seed=cfg.seed, **spec.params).save(dirs[str(i)], force=True)
+        shared = _score_shared(cfg, dirs, {"valid": valid}, progress=True)
+        for d in dirs.values():
+            shutil.rmtree(d, ignore_errors=True)
     for i, w in enumerate(grid):
-        tmp = tdir / f"point-{i}"
-        merged = am.merge(adapters, spec.method, list(w), rank=rank, seed=cfg.seed, **spec.params)
-        merged.save(tmp, force=True)
-        detailed, _ = _score_sets(cfg, tmp, {"valid": valid}, progress=False, label=f"{spec.name} w={w}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        if shared:
+            detailed = shared[str(i)][0]
+        else:
+            tmp = tdir / f"point-{i}"
+            merged = am.merge(adapters, spec.method, list(w), rank=rank, seed=cfg.seed, **spec.params)
+            merged.save(tmp, force=True)
+            detailed, _ = _score_sets(cfg, tmp, {"valid": valid}, progress=False, label=f"{spec.name} w={w}")
+            shutil.rmtree(tmp, ignore_errors=True)
         nd = _valid_ndcg(cfg, detailed["valid"], valid)
         points.append({"weights": list(w), "valid_ndcg10": nd})
         log(f"merge: {spec.name}: weights {[round(x, 3) for x in w]}: validation NDCG@10 "
@@ -417,11 +429,23 @@ def evaluate(cfg: RunConfig, prep: Prepared, *, log: Log = print, progress: bool
     edir = cfg.run_dir / "eval"
     results = {}
     protocols = list(cfg.eval.protocols)
-    for row in eval_rows(cfg):
-        if only and row["key"] not in only and row["name"] not in only:
-            continue
+    todo = [r for r in eval_rows(cfg) if not only or r["key"] in only or r["name"] in only]
+    fps = {r["key"]: _row_fingerprint(cfg, r) for r in todo}
+    shared: dict[str, tuple[dict, dict]] = {}
+    stale = [r for r in todo if r["kind"] == "llm" and (_read_json(edir / f"{r['key']}.json") or {}).get("fingerprint") != fps[r["key"]]]
+    if _shared_first_layer(cfg) is not None and len(stale) > 1:
+        for r in stale:
+            if r["adapter"] is not None and not (Path(r["adapter"]) / "adapter_model.safetensors").exists():
+                raise InputError(f"evaluate {r['name']!r}: {r['adapter']} does not exist yet (run train/merge first)")
+        valid = valid_subset(cfg, prep.target_valid) if cfg.eval.reduction == "auto" else []
+        sets_all = {**{p: prep.test_set(p) for p in protocols}, **({"valid": valid} if valid else {})}
+        t0 = time.perf_counter()
+        shared = _score_shared(cfg, {r["name"]: r["adapter"] for r in stale}, sets_all, progress=progress, latency=True)
+        log(f"evaluate: {len(stale)} LLM rows scored together (layers below {_shared_first_layer(cfg)} shared) "
+            f"in {time.perf_counter() - t0:.0f} s")
+    for row in todo:
         path = edir / f"{row['key']}.json"
-        fp = _row_fingerprint(cfg, row)
+        fp = fps[row["key"]]
         cached = _read_json(path)
         if cached and cached.get("fingerprint") == fp:
             results[row["name"]] = cached
@@ -431,7 +455,7 @@ def evaluate(cfg: RunConfig, prep: Prepared, *, log: Log = print, progress: bool
         sets = {p: prep.test_set(p) for p in protocols}
         extra: dict[str, Any] = {}
         if row["kind"] == "llm":
-            scores, extra = _score_llm(cfg, row, prep, sets, progress=progress)
+            scores, extra = _score_llm(cfg, row, prep, sets, progress=progress, precomputed=shared.get(row["name"]))
         elif row["kind"] == "sasrec":
             scores, extra = _score_sasrec(cfg, prep, sets)
         else:
@@ -504,7 +528,54 @@ def _score_sets(cfg: RunConfig, adapter: Path | None, sets: dict[str, list[Sampl
     return out, extra
 
 
-def _score_llm(cfg: RunConfig, row: dict, prep: Prepared, sets: dict[str, list[Sample]], *, progress: bool):
+def _shared_first_layer(cfg: RunConfig) -> int | None:
+    """The lowest adapted layer when the scoring may share the layers below it across models, else None."""
+    layers = cfg.train_config().layers
+    if not cfg.eval.shared_layers or cfg.eval.protocol != "likelihood" or not layers or min(layers) == 0:
+        return None
+    if cfg.data.include_candidates:
+        return None
+    return min(layers)
+
+
+def _score_shared(cfg: RunConfig, adapters: dict[str, Path | None], sets: dict[str, list[Sample]], *, progress: bool,
+                  latency: bool = False) -> dict[str, tuple[dict, dict]]:
+    """Like :func:`_score_sets` for several models at once, the lower layers run once (SharedPrefixScorer)."""
+    import torch
+
+    from recipe_common.llm import count_parameters, load_for_eval, load_tokenizer
+    from .scoring import SharedPrefixScorer, measure_scoring_latency
+
+    base_dir = base_model_dir(cfg)
+    tok = load_tokenizer(base_dir)
+    prompt = cfg.prompt()
+    max_len = cfg.train_config().max_seq_len
+    scorer = SharedPrefixScorer(load_for_eval(base_dir, None, dtype=cfg.model.dtype), _shared_first_layer(cfg))
+    extras = {}
+    for name, adapter in adapters.items():
+        model = load_for_eval(base_dir, adapter, merge=True, dtype=cfg.model.dtype)
+        extra: dict[str, Any] = {"parameters": count_parameters(model), "threads": torch.get_num_threads(),
+                                 "shared_lower_layers": scorer.first_layer}
+        first = next(iter(sets.values()), [])
+        if latency and cfg.eval.latency_users and len(first) > cfg.eval.latency_users:
+            extra["latency"] = measure_scoring_latency(model, tok, first[: cfg.eval.latency_users + 1], prompt=prompt,
+                                                       max_seq_len=max_len).to_dict()
+        scorer.add(name, model)
+        extras[name] = extra
+        del model
+    prior = cfg.eval.reduction in ("pmi", "auto")
+    out: dict[str, dict] = {name: {} for name in adapters}
+    for set_name, samples in sets.items():
+        got = scorer.score(tok, samples, prompt=prompt, batch_size=cfg.eval.batch_size, max_rows=cfg.eval.max_rows,
+                           max_seq_len=max_len, prior=prior, progress=progress,
+                           label=f"{len(adapters)} models, shared lower layers: {set_name}")
+        for name in adapters:
+            out[name][set_name] = got[name]
+    return {name: (out[name], extras[name]) for name in adapters}
+
+
+def _score_llm(cfg: RunConfig, row: dict, prep: Prepared, sets: dict[str, list[Sample]], *, progress: bool,
+               precomputed: tuple[dict, dict] | None = None):
     import torch
 
     from . import metrics as M
@@ -528,7 +599,10 @@ def _score_llm(cfg: RunConfig, row: dict, prep: Prepared, sets: dict[str, list[S
         return None, {"generations": gens, "threads": torch.get_num_threads()}
     valid = valid_subset(cfg, prep.target_valid) if cfg.eval.reduction == "auto" else []
     all_sets = {**sets, **({"valid": valid} if valid else {})}
-    detailed, extra = _score_sets(cfg, adapter, all_sets, progress=progress, label=row["name"], latency=True)
+    if precomputed is not None:
+        detailed, extra = precomputed
+    else:
+        detailed, extra = _score_sets(cfg, adapter, all_sets, progress=progress, label=row["name"], latency=True)
     if valid:
         nd = _valid_ndcg(cfg, detailed["valid"], valid)
         reduction = max(nd, key=lambda r: (nd[r], -("sum", "mean", "pmi").index(r)))
