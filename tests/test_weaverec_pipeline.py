@@ -253,3 +253,27 @@ def test_shared_lower_layers_and_prefix_cache_give_the_same_run(tmp_path):
     assert llm == 5  # base, target-only, data merging (= the hybrid), WeaveRec, tuned
     log = json.loads((cfg.run_dir / "modules" / "target" / "train_log.json").read_text())
     assert log["prefix_cached_below_layer"] == 1
+
+
+def test_generate_protocol_rows_under_both_candidate_sets(tmp_path):
+    """The authors' generate-top-k protocol goes through the same evaluate stage: per-protocol metrics, no scores."""
+    from weaverec.pipeline import evaluate, prepare
+
+    titles = write_table(tmp_path / "data.csv")
+    model = tiny_llama(tmp_path / "model", texts=titles)
+    cfg = config_from_dict({
+        "name": "tiny-gen", "seed": 2, "workdir": str(tmp_path / "run"),
+        "data": {"loader": "table", "path": str(tmp_path / "data.csv"), "target": "books", "sources": ["games"],
+                 "user_split": "most", "history_len": 3, "n_candidates": 6, "max_train_samples": 4,
+                 "max_eval_users": 3, "noun": "item", "uninvert_articles": True},
+        "model": {"base": str(model)},
+        "lora": {"r": 4, "alpha": 8, "max_steps": 1, "batch_size": 4, "max_seq_len": 256},
+        "eval": {"protocol": "generate", "protocols": ["uniform", "hard"], "baselines": ["base"], "latency_users": 0},
+    })
+    res = evaluate(cfg, prepare(cfg, log=lambda m: None), log=lambda m: None, progress=False, only=["Base model (zero-shot)"])
+    r = res["Base model (zero-shot)"]
+    assert set(r["protocols"]) == {"uniform", "hard"} and "scores" not in r
+    for p in ("uniform", "hard"):
+        pu = r["protocols"][p]["per_user"]
+        assert set(pu) >= {"NDCG@1", "NDCG@5", "MRR@5"} and all(len(v) == 3 for v in pu.values())
+        assert len(r["generations"][p]["titles"]) == 3
