@@ -600,3 +600,26 @@ def _all_layer_model(tiny, tmp_path):
                           prompt=PROMPT)
     train_lora(tiny, SAMPLES[:2], tmp_path / "all", cfg, progress=False)
     return load_for_eval(tiny, tmp_path / "all")
+
+
+def test_prefix_memo_shares_lower_layer_states_across_modules(tiny, tmp_path, monkeypatch):
+    """A sample used by two modules goes through the frozen lower layers once; the second module trains as without."""
+    base = dict(r=4, alpha=8, dropout=0.0, lr=1e-2, warmup_ratio=0.0, epochs=1, batch_size=2, seed=4, prompt=PROMPT,
+                layers=(1,), cache_prefix=True)
+    computed = []
+    original = train_mod._pad_left
+
+    def counting(rows, pad_id, device):
+        computed.append(len(rows))
+        return original(rows, pad_id, device)
+
+    memo: dict = {}
+    monkeypatch.setattr(train_mod, "_pad_left", counting)
+    train_lora(tiny, SAMPLES[:3], tmp_path / "first", LoraTrainConfig(**base), progress=False, prefix_memo=memo)
+    assert sum(computed) == 3 and len(memo) == 3
+    computed.clear()
+    shared = train_lora(tiny, SAMPLES, tmp_path / "second", LoraTrainConfig(**base), progress=False, prefix_memo=memo)
+    assert sum(computed) == 1 and len(memo) == 4  # only the one new sample ran through layer 0
+    monkeypatch.setattr(train_mod, "_pad_left", original)
+    alone = train_lora(tiny, SAMPLES, tmp_path / "alone", LoraTrainConfig(**base), progress=False)
+    np.testing.assert_allclose(shared.losses, alone.losses, rtol=0, atol=1e-5)

@@ -220,12 +220,13 @@ def train(cfg: RunConfig, prep: Prepared, *, only: Sequence[str] | None = None, 
     base = base_model_dir(cfg)
     tcfg = cfg.train_config()
     results = {}
+    memo: dict | None = {} if tcfg.cache_prefix else None  # lower-layer states shared by the modules of this run
     for name, samples in module_samples(cfg, prep).items():
         if only and name not in only:
             continue
         out = cfg.run_dir / "modules" / name
         t0 = time.perf_counter()
-        res = train_lora(base, samples, out, tcfg, progress=progress)
+        res = train_lora(base, samples, out, tcfg, progress=progress, prefix_memo=memo)
         results[name] = res
         state = "reused" if res.resumed else f"trained in {time.perf_counter() - t0:.0f} s"
         log(f"train: {name}: {len(samples)} samples, {res.steps} steps, final loss {res.final_loss}, {state}")

@@ -70,8 +70,12 @@ def train_lora(
     cfg: LoraTrainConfig | None = None,
     *,
     progress: bool = True,
+    prefix_memo: dict | None = None,
 ) -> TrainResult:
-    """Train one LoRA adapter on ``samples`` and save it to ``out_dir`` (see :mod:`recipe_common.train`)."""
+    """Train one LoRA adapter on ``samples`` and save it to ``out_dir`` (see :mod:`recipe_common.train`).
+
+    ``prefix_memo`` (with ``cfg.cache_prefix``): a dict kept across the modules of one run, so that the lower-layer
+    states of a sample used by several modules (the target data is in every module) are computed once."""
     cfg = cfg or LoraTrainConfig()
 
     def encode(tokenizer):
@@ -83,7 +87,7 @@ def train_lora(
     return _common.train_lora_encoded(
         base_model_dir, encode, out_dir, cfg,
         fingerprint=samples_fingerprint(samples), n_samples=len(samples), cache_prefix=cfg.cache_prefix,
-        progress=progress,
+        prefix_memo=prefix_memo, progress=progress,
     )
 
 
