@@ -6,12 +6,11 @@
     am.ops.ties([t1, t2, t3], weights=[1, 1, 1], density=0.2)   # the operators work on plain tensors too
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from . import ops  # noqa: E402
 from .adapter import Adapter, LoraModule, load_adapter  # noqa: E402
 from .diagnostics import analyze, pairwise_cosine  # noqa: E402
-from .engine import merge, merge_to  # noqa: E402
+from .engine import MergeLossWarning, MergeRequest, merge, merge_module, merge_to, plan  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterMergeError,
     IncompatibleInputsError,
@@ -28,6 +27,10 @@ __all__ = [
     "load_adapter",
     "merge",
     "merge_to",
+    "merge_module",
+    "plan",
+    "MergeRequest",
+    "MergeLossWarning",
     "analyze",
     "pairwise_cosine",
     "ops",

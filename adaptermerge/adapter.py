@@ -19,17 +19,18 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import torch
 
-from .errors import IncompatibleInputsError, InputError, OutputError, ParameterError
+from .errors import InputError, OutputError, ParameterError, option
 from .safetensors_io import (
     FLOAT_DTYPES,
     SafetensorsHeader,
     SafetensorsWriter,
+    apply_umask,
     canonical_sha256,
     clean_stale_temps,
     read_header,
@@ -46,7 +47,6 @@ PEFT_PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$|^(?P<emodule>.+)\.(?P<epart>lora_embedding_A|lora_embedding_B)$")
 
 OUTPUT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -94,6 +94,7 @@ def pattern_key(patterns: Mapping[str, Any], key: str) -> str | None:
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -177,7 +178,8 @@ class Adapter:
         if check_finite:
             for key, t in ((m.key_a, a), (m.key_b, b)):
                 if not all_finite(t):
-                    raise InputError(f"{self.name}: tensor '{key}' contains NaN or Inf (pass allow_nonfinite / --allow-nonfinite to merge anyway)")
+                    raise InputError(f"{self.name}: tensor '{key}' contains NaN or Inf "
+                                     f"(pass {option('--allow-nonfinite', 'allow_nonfinite=True')} to merge anyway)")
         return b.float() * m.scale, a.float()
 
     def delta(self, name: str) -> torch.Tensor:
@@ -286,6 +288,55 @@ def _locate(p: Path) -> tuple[Path, Path | None]:
     raise InputError(f"{p}: no such file or directory")
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def hf_hub_cache() -> Path:
+    """The local Hugging Face hub cache, as huggingface_hub finds it: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub. Only read, never written or fetched into."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _hub_snapshot(repo_id: str) -> tuple[Path, str] | None:
+    """(snapshot folder, revision) of ``repo_id`` in the local Hugging Face cache when it holds a LoRA adapter:
+    the revision ``refs/main`` points to, else the most recently written snapshot. Offline: no network."""
+    repo = hf_hub_cache() / f"models--{repo_id.replace('/', '--')}"
+    snaps = repo / "snapshots"
+    try:
+        ref = (repo / "refs" / "main").read_text().strip() if (repo / "refs" / "main").is_file() else ""
+        candidates = [snaps / ref] if ref and (snaps / ref).is_dir() else sorted(
+            (d for d in snaps.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True)[:1]
+    except OSError:
+        return None
+    for snap in candidates:
+        if (snap / WEIGHTS_NAME).is_file() and (snap / CONFIG_NAME).is_file():
+            return snap, snap.name
+    return None
+
+
+def _resolve_hub_id(p: Path, notes: list[str]) -> Path:
+    """A path that does not exist but reads like a Hugging Face Hub id ("org/name"): the local cache's snapshot
+    when there is one (with a note), else a one-line error saying that inputs are local and how to get one."""
+    text = str(p)
+    if p.exists() or not _HUB_ID.fullmatch(text) or text.endswith(".safetensors"):
+        return p
+    found = _hub_snapshot(text)
+    if found is not None:
+        snap, rev = found
+        notes.append(f"'{text}' is not a local path: using the Hugging Face cache's copy {snap} (revision {rev[:12]}; "
+                     "nothing is downloaded)")
+        return snap
+    raise InputError(
+        f"{text}: no such file or directory. Inputs are local adapter folders or .safetensors files; adaptermerge "
+        f"never downloads. If '{text}' is a Hugging Face Hub id, download it first, e.g. "
+        f"`huggingface-cli download {text} --local-dir {text.rsplit('/', 1)[1]}`, and pass that folder "
+        f"(the local Hugging Face cache {hf_hub_cache()} has no copy of it)"
+    )
+
+
 def load_adapter(
     path: str | os.PathLike, *, alpha: float | None = None, rank: int | None = None, require_alpha: bool = True
 ) -> Adapter:
@@ -296,15 +347,16 @@ def load_adapter(
     safetensors metadata (``lora_alpha``), and r from ``rank``, its metadata (``r``) or the factor shapes; where each
     came from is recorded in ``adapter.notes``. ``alpha``/``rank`` given for a directory override its config.
     With ``require_alpha=False`` a bare file without alpha is opened with alpha = r (scale 1), and a note says so.
+    A Hugging Face Hub id ("org/name") that is not a local path is taken from the local Hugging Face cache when it
+    is there (never downloaded); otherwise the error says how to get the adapter.
     """
-    p = Path(path)
+    notes: list[str] = []
+    p = _resolve_hub_id(Path(path), notes)
     try:
         weights, cfg_path = _locate(p)
     except OSError as e:  # e.g. a folder without search (x) permission
         raise InputError(f"{e.filename or p}: cannot access: {e.strerror or e}") from None
     header = read_header(weights)
-    notes: list[str] = []
-    where = str(cfg_path or weights)
     if cfg_path is not None:
         cfg = _read_config(cfg_path)
         peft_type = cfg.get("peft_type", "LORA")
@@ -375,9 +427,10 @@ def _build_adapter(
         cfg["lora_alpha"] = 1.0  # placeholder: overridden per module below
     if "lora_alpha" not in cfg and not require_alpha and "r" in cfg:
         cfg["lora_alpha"] = cfg["r"]
-        notes.append("lora_alpha unknown (no metadata, no --alpha): assuming alpha = r, i.e. scale 1")
+        notes.append(f"lora_alpha unknown (no metadata, no {option('--alpha', 'alpha=')}): assuming alpha = r, i.e. scale 1")
     if "lora_alpha" not in cfg:
-        raise ParameterError(f"{where}: bare safetensors file has no lora_alpha in its metadata; pass --alpha (alpha=... in Python)")
+        raise ParameterError(f"{where}: bare safetensors file has no lora_alpha in its metadata; "
+                             f"pass {option('--alpha', 'alpha=... to load_adapter')}")
     r = int(_number(cfg, "r", where, positive=True, integer=True)) if "r" in cfg else None
     lora_alpha = float(_number(cfg, "lora_alpha", where, positive=False))
     use_rslora = bool(cfg.get("use_rslora", False))
@@ -507,6 +560,7 @@ class OutputTarget:
         check_output_path(self.target, force=force, inputs=inputs)
         self._tmpdir: Path | None = None
         self._config: dict[str, Any] | None = None
+        self._metadata: Mapping[str, str] = {}
         self._weights_tmp: Path | None = None
 
     def __enter__(self) -> "OutputTarget":
@@ -524,6 +578,7 @@ class OutputTarget:
         if not self.is_file:
             try:
                 self._tmpdir = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=parent))
+                apply_umask(self._tmpdir, directory=True)  # mkdtemp makes 0700; the output is an ordinary folder
             except OSError as e:
                 raise OutputError(f"{parent}: cannot create a folder there: {e.strerror or e}") from None
         return self
@@ -534,6 +589,7 @@ class OutputTarget:
 
     def commit_weights(self, writer: SafetensorsWriter, metadata: Mapping[str, str]) -> None:
         # For a file target keep the finished temporary until the whole output is ready; inside a temp dir rename.
+        self._metadata = dict(metadata)
         self._weights_tmp = writer.commit(metadata, rename=not self.is_file)
 
     def write_config(self, config: dict[str, Any]) -> None:
@@ -555,6 +611,14 @@ class OutputTarget:
                     f.write("\n")
                     f.flush()
                     os.fsync(f.fileno())
+                from .card import CARD_NAME, model_card
+
+                card = model_card(self._metadata, self._config)  # a merge's provenance in words (README.md)
+                if card is not None:
+                    with open(self._tmpdir / CARD_NAME, "w", encoding="utf-8") as f:
+                        f.write(card)
+                        f.flush()
+                        os.fsync(f.fileno())
                 _fsync_dir(self._tmpdir)
                 _replace_dir(self._tmpdir, self.target)
                 self._tmpdir = None
@@ -585,7 +649,7 @@ def _check_replaceable_dir(target: Path) -> None:
         why = "it has sub-folders"
     else:
         return
-    raise OutputError(f"{target} is not an adapter directory ({why}); refusing to replace it even with --force: remove it yourself or choose another output")
+    raise OutputError(f"{target} is not an adapter directory ({why}); refusing to replace it even with {option('--force', 'force=True')}: remove it yourself or choose another output")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -657,7 +721,7 @@ def check_output_path(target: Path, *, force: bool, inputs: list[Path]) -> None:
             raise ParameterError(f"output {target} contains input {i}; replacing it would delete the input, choose another output path")
     if os.path.lexists(target):  # (never raises: an unreachable target fails later, at mkdir, as an OutputError)
         if not force:
-            raise OutputError(f"{target} already exists; pass --force (force=True) to replace it")
+            raise OutputError(f"{target} already exists; pass {option('--force', 'force=True')} to replace it")
         if target.is_dir() and target.suffix != ".safetensors":
             _check_replaceable_dir(target)
         if target.is_dir() and target.suffix == ".safetensors":

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .cliparse import floats as _floats, one_or_many, operator_params
 from .errors import OutputError, ParameterError
 
 _out = Console(soft_wrap=True)
@@ -29,19 +31,6 @@ PLOT_HINT = "pip install adaptermerge[plot]"
 
 
 # ------------------------------------------------------------------------------------------------ parsing
-def _floats(text: str, option: str) -> list[float]:
-    vals = []
-    for part in text.split(","):
-        try:
-            v = float(part.strip())
-        except ValueError:
-            raise ParameterError(f"{option}: {part.strip()!r} is not a number") from None
-        if not math.isfinite(v):
-            raise ParameterError(f"{option}: {part.strip()!r} is not a finite number")
-        vals.append(v)
-    return vals
-
-
 def _preview_rank(value: Optional[str]) -> int | str | None:
     if value is None or value == "full":
         return value
@@ -52,20 +41,21 @@ def _preview_rank(value: Optional[str]) -> int | str | None:
 
 
 def build_preview(
-    method: Optional[str], weights: Optional[str], rank: Optional[str], modules: Optional[int], params: dict[str, Any]
+    method: Optional[str], weights: Optional[str], rank: Optional[str], modules: Optional[int], params: dict[str, Any],
+    pairs: Optional[list[str]] = None,
 ) -> dict[str, Any] | None:
     """The preview spec from the command-line options; operator options without --preview-method are an error."""
     given = {k: v for k, v in params.items() if v is not None}
     if method is None:
-        extra = [f"--{k.replace('_', '-')}" for k in given]
+        extra = [f"--{k.replace('_', '-')}" for k in given] + [f"-p {x}" for x in pairs or []]
         extra += [o for o, v in (("--weights", weights), ("--preview-rank", rank), ("--preview-modules", modules)) if v is not None]
         if extra:
             raise ParameterError(f"{', '.join(extra)} given without --preview-method: these options set up a merge "
                                  "preview (e.g. --preview-method ties)")
         return None
     if "density" in given:
-        d = _floats(given["density"], "--density")
-        given["density"] = d[0] if len(d) == 1 else d
+        given["density"] = one_or_many(_floats(given["density"], "--density"))
+    given = operator_params(method, pairs, given)
     spec: dict[str, Any] = {"method": method, "params": given, "rank": _preview_rank(rank), "modules": modules}
     if weights is not None:
         spec["weights"] = _floats(weights, "--weights")
@@ -91,6 +81,11 @@ def _check_plot_target(plot: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ formatting
+def natural_key(name: str) -> list:
+    """Sort key that orders numbers by value: layers.2 before layers.10 (text order puts 10 and 11 before 2)."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
+
+
 def _short(name: str) -> str:
     return name.removeprefix("base_model.model.").removeprefix("model.")
 
@@ -137,13 +132,14 @@ def _score(rec: dict[str, Any], sort: str) -> tuple:
     rates = [c["rate"] for c in rec["conflict"] if c and c.get("rate") is not None]
     cos = [c for c in rec["cosine"] if c is not None]
     norms = [x for x in rec["norm"] if x is not None]
+    name = natural_key(rec["name"])
     if sort == "conflict":
-        return (-(sum(rates) / len(rates)) if rates else 1.0, rec["name"])
+        return (-(sum(rates) / len(rates)) if rates else 1.0, name)
     if sort == "cosine":
-        return (sum(cos) / len(cos) if cos else 2.0, rec["name"])
+        return (sum(cos) / len(cos) if cos else 2.0, name)
     if sort == "norm":
-        return (-(max(norms) if norms else 0.0), rec["name"])
-    return (rec["name"],)
+        return (-(max(norms) if norms else 0.0), name)
+    return (name,)
 
 
 def render(result: dict[str, Any], console: Console, *, top: int, sort: str) -> None:
@@ -169,7 +165,7 @@ def render(result: dict[str, Any], console: Console, *, top: int, sort: str) -> 
     for i, inp in enumerate(result["inputs"]):
         t.add_row(inp["label"], inp["name"], str(inp["modules"]), ",".join(map(str, inp["ranks"])),
                   _f(overall["norm"][i], ".4g"), _f(overall["effective_rank_mean"][i], ".2f"))
-    console.print(t)
+    console.print(t, soft_wrap=False)  # tables fit the width; prose soft-wraps
 
     if n_pairs:
         t = Table(title="pairs (all modules)", title_justify="left")
@@ -181,7 +177,7 @@ def render(result: dict[str, Any], console: Console, *, top: int, sort: str) -> 
                       f"{_f(ov['left'][p])} / {_f(ov['right'][p])}")
         if len(labels) >= 3 and overall["conflict_all"]:
             t.add_row("all", "", _pct(overall["conflict_all"], True), "")
-        console.print(t)
+        console.print(t, soft_wrap=False)  # tables fit the width; prose soft-wraps
         console.print("energy of the sum / sum of energies: "
                       f"{_f(overall['energy_ratio'])} (1 = orthogonal deltas, > 1 reinforcing, < 1 cancelling)")
 
@@ -196,7 +192,7 @@ def render(result: dict[str, Any], console: Console, *, top: int, sort: str) -> 
         t.add_column("energy ratio", justify="right")
         for key, agg in groups.items():
             t.add_row(_short(key), str(agg["n_modules"]), *_pair_cells(agg, n_pairs, wide), _f(agg["energy_ratio"]))
-        console.print(t)
+        console.print(t, soft_wrap=False)  # tables fit the width; prose soft-wraps
 
     if not n_pairs and sort in ("conflict", "cosine"):
         sort = "norm"  # one input: nothing to compare, show the largest deltas first
@@ -206,18 +202,21 @@ def render(result: dict[str, Any], console: Console, *, top: int, sort: str) -> 
              "norm": "largest delta first", "name": "by name"}[sort]
     t = Table(title=f"modules ({order}; {len(shown)} of {len(mods)}{'' if len(shown) == len(mods) else ', --top 0 for all'})",
               title_justify="left")
-    t.add_column("module")
+    # the module name is what the table is about: it keeps its full width (q_proj and v_proj must stay apart) and
+    # the number columns wrap instead; on a terminal too narrow even for that it folds, never ends in "…"
+    longest = max((len(_short(r["name"])) for r in shown), default=6)
+    t.add_column("module", width=min(longest, max(20, console.width - 70)), overflow="fold")
     t.add_column("shape", justify="right")
-    t.add_column("‖ΔW‖_F " + "/".join(labels), justify="right")
+    t.add_column("‖ΔW‖_F " + "/".join(labels), justify="right", overflow="fold")
     if n_pairs:
         for h in _pair_headers(plabels, wide):
             t.add_column(h, justify="right")
-    t.add_column("eff. rank " + "/".join(labels) + " → Σ", justify="right")
+    t.add_column("eff. rank " + "/".join(labels) + " → Σ", justify="right", overflow="fold")
     for r in shown:
         er = "/".join(_f(x, ".1f") for x in r["effective_rank"]) + f" → {_f(r['sum']['effective_rank'], '.1f')}"
         cells = _pair_cells(r, n_pairs, wide) if n_pairs else []
         t.add_row(_short(r["name"]), "x".join(map(str, r["shape"])), "/".join(_f(x, ".3g") for x in r["norm"]), *cells, er)
-    console.print(t)
+    console.print(t, soft_wrap=False)  # tables fit the width; prose soft-wraps
 
     pv = result.get("preview")
     if pv:
@@ -231,7 +230,7 @@ def render(result: dict[str, Any], console: Console, *, top: int, sort: str) -> 
         for i, lab in enumerate(labels):
             t.add_row(lab, _f(agg.get("projection", [None] * len(labels))[i]), _cos(agg.get("cosine", [None] * len(labels))[i]),
                       _f(agg.get("norm_ratio", [None] * len(labels))[i]))
-        console.print(t)
+        console.print(t, soft_wrap=False)  # tables fit the width; prose soft-wraps
         console.print("projection 1 = the merge keeps all of that input's delta, 0 = none of it (see docs/diagnostics.md)")
     for note in result["notes"]:
         console.print(f"note: {note}", highlight=False)
@@ -320,7 +319,8 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
 def analyze(
     inputs: list[str] = typer.Argument(..., help="Adapters to compare: PEFT adapter directories or .safetensors files.", show_default=False),
     json_out: bool = typer.Option(False, "--json", help="Print every number as JSON on stdout (no table)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a picture (.png, .svg, .pdf, ...; replaced if it exists): pairwise cosine heatmap and per-layer sign conflicts (needs matplotlib)."),
+    plot: Optional[Path] = typer.Option(None, "--plot",
+        help="Write a picture (.png, .svg, .pdf, ...; replaced if it exists): pairwise cosine heatmap and per-layer sign conflicts (needs matplotlib)."),
     top_k_fraction: float = typer.Option(0.2, "--top-k-fraction", help="Entries that matter for sign conflicts: each delta's top fraction by magnitude, in (0, 1]."),
     samples: int = typer.Option(32768, "--samples", help="Entries sampled per module for the sign statistics (smaller modules are enumerated exactly)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the entry sample, the preview's module sample and the preview merge (as merge --seed)."),
@@ -337,13 +337,14 @@ def analyze(
     rescale: Optional[bool] = typer.Option(None, "--rescale/--no-rescale", help="Preview: DARE/DELLA rescaling."),
     gamma: Optional[float] = typer.Option(None, help="Preview: breadcrumbs outlier fraction."),
     epsilon: Optional[float] = typer.Option(None, help="Preview: della keep-probability spread."),
+    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="Preview: any operator parameter as NAME=VALUE (repeatable), e.g. -p space=core."),
     preview_rank: Optional[str] = typer.Option(None, "--preview-rank", help="Preview: output rank as merge --rank (default: largest input rank; 'full' = no truncation)."),
     preview_modules: Optional[int] = typer.Option(None, "--preview-modules", help="Preview only a seeded sample of this many modules (element-wise methods form dense deltas)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Diagnose adapters before merging them: per module, layer and type, the norm of each delta, the cosine and
-    sign-conflict rate of every pair, effective ranks and spectra, subspace overlaps, and optionally a merge
-    preview (how much of each input a method would keep). Computed from the LoRA factors, without dense deltas.
+    """Diagnose adapters before merging them: norms, cosines, sign conflicts, spectra, merge preview.
+
+    Per module, layer and type: the norm of each delta, the cosine and sign-conflict rate of every pair, effective ranks and spectra, subspace overlaps, and optionally a merge preview (how much of each input a method would keep). Computed from the LoRA factors, without dense deltas.
 
     Example: adaptermerge analyze a/ b/ c/ --preview-method ties --density 0.5 --plot diagnostics.png
     """
@@ -355,6 +356,7 @@ def analyze(
         preview_method, weights, preview_rank, preview_modules,
         {"density": density, "majority_sign": majority_sign, "scale": scale, "normalize": normalize,
          "rescale": rescale, "gamma": gamma, "epsilon": epsilon},
+        param,
     )
     if plot is not None:
         _check_plot_target(plot)
@@ -391,7 +393,10 @@ def analyze(
         sys.stdout.flush()
         return
     console = _out
-    if not console.is_terminal:
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:  # read per command, like other tools
+        console = Console(soft_wrap=True, width=int(columns))
+    elif not console.is_terminal:
         console = Console(soft_wrap=True, width=220)
     render(result, console, top=top, sort=sort)
     if plot is not None:

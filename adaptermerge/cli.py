@@ -7,10 +7,10 @@ Every error is one line on stderr, ``error: <what, naming the file/tensor/parame
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,9 +21,11 @@ try:  # typer >= 0.16 vendors its own copy of click; its exceptions are the ones
 except ImportError:  # pragma: no cover - older typer on the real click
     from click import exceptions as click_exc
 from rich.console import Console
+from rich.box import ROUNDED as ROUNDED_BOX
 from rich.table import Table
 
-from .errors import AdapterMergeError, InputError, ParameterError
+from .cliparse import floats as _floats, one_or_many, operator_params
+from .errors import AdapterMergeError, InputError, ParameterError, cli_wording
 
 app = typer.Typer(
     name="adaptermerge",
@@ -38,26 +40,19 @@ err = Console(stderr=True, soft_wrap=True)
 
 CONFIG_KEYS = {
     "inputs", "method", "weights", "params", "rank", "seed", "svd", "svd_niter", "svd_oversample", "dtype",
-    "output", "force", "extra_tensors", "allow_nonfinite", "alpha",
+    "output", "force", "extra_tensors", "allow_nonfinite", "allow_disjoint", "alpha", "warn_loss",
 }
-INPUT_KEYS = {"path", "weight", "density", "alpha"}
+INPUT_KEYS = {"path", "weight", "alpha"}  # plus every per-input operator parameter (per_input_params())
+
+
+def per_input_params() -> set[str]:
+    """Names of the operator parameters that take one value per input (declared once, in the operators)."""
+    from .registry import METHODS
+
+    return {p.name for m in METHODS.values() for p in m.params if p.per_input}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _floats(text: str, option: str) -> list[float]:
-    vals = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            v = float(part)
-        except ValueError:
-            raise ParameterError(f"{option}: {part!r} is not a number") from None
-        if not math.isfinite(v):
-            raise ParameterError(f"{option}: {part!r} is not a finite number")
-        vals.append(v)
-    return vals
-
-
 def _rank(value: Any) -> int | str | None:
     if value is None or value == "full":
         return value
@@ -98,33 +93,46 @@ def load_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _expand_inputs(cfg: dict[str, Any], base: Path) -> tuple[list[str], list[float] | None, list[float] | None, list[float | None]]:
-    paths, weights, densities, alphas = [], [], [], []
+def _expand_inputs(cfg: dict[str, Any], base: Path) -> tuple[list[str], list[float] | None, dict[str, list[Any]], list[float | None]]:
+    """Paths, weights, per-input operator parameters ({name: one value per input}) and alphas of a config."""
+    per_input = per_input_params()
+    valid = INPUT_KEYS | per_input
+    paths, weights, alphas = [], [], []
+    values: dict[str, list[Any]] = {k: [] for k in sorted(per_input)}
     for i, item in enumerate(cfg.get("inputs") or []):
         if isinstance(item, str):
             item = {"path": item}
         if not isinstance(item, dict) or "path" not in item:
             raise ParameterError(f"config inputs[{i}] must be a path or a mapping with 'path'")
-        unknown = set(item) - INPUT_KEYS
+        unknown = set(item) - valid
         if unknown:
-            raise ParameterError(f"config inputs[{i}]: unknown keys {sorted(unknown)} (valid: {sorted(INPUT_KEYS)})")
+            raise ParameterError(f"config inputs[{i}]: unknown keys {sorted(unknown)} (valid: {sorted(valid)})")
         p = Path(str(item["path"]))
         paths.append(str(p if p.is_absolute() else base / p))
         weights.append(item.get("weight"))
-        densities.append(item.get("density"))
+        for k in values:
+            values[k].append(item.get(k))
         alphas.append(item.get("alpha"))
     w = None if all(x is None for x in weights) else weights
-    d = None if all(x is None for x in densities) else densities
     if w is not None and any(x is None for x in w):
         raise ParameterError("config: give a weight for every input or for none")
-    if d is not None and any(x is None for x in d):
-        raise ParameterError("config: give a density for every input or for none")
-    return paths, w, d, alphas
+    params = {}
+    for k, vals in values.items():
+        if all(x is None for x in vals):
+            continue
+        if any(x is None for x in vals):
+            raise ParameterError(f"config: give a {k} for every input or for none")
+        params[k] = vals
+    return paths, w, params, alphas
 
 
 def _widen(console: Console) -> None:
-    """Piped or captured output: do not squeeze tables to 80 columns."""
-    if not console.is_terminal:
+    """Fit the terminal: $COLUMNS when set (read at each command, like other tools), else the terminal's width;
+    piped or captured output without $COLUMNS is not squeezed to 80 columns."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        console.width = int(columns)
+    elif not console.is_terminal:
         console.width = 200
 
 
@@ -163,46 +171,60 @@ def merge(
     rescale: Optional[bool] = typer.Option(None, "--rescale/--no-rescale", help="DARE/DELLA: rescale kept entries by 1/keep-probability."),
     gamma: Optional[float] = typer.Option(None, help="breadcrumbs: fraction of the largest-magnitude entries dropped as outliers."),
     epsilon: Optional[float] = typer.Option(None, help="della: spread of keep probabilities around density."),
-    rank: Optional[str] = typer.Option(None, "--rank", "-r", help="Output rank: an integer (default: largest input rank) or 'full' for an exact full-rank delta. Not for cat."),
+    space: Optional[str] = typer.Option(None, help="Element-wise methods: full (dense deltas, default) or core (Core Space: on the inputs' small core matrices, exact low-rank result)."),
+    param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="Any operator parameter as NAME=VALUE (repeatable), e.g. -p density=0.5 -p space=core; `adaptermerge methods` lists them."),
+    rank: Optional[str] = typer.Option(None, "--rank", "-r",
+        help="Output rank: an integer, or 'full' for an exact full-rank delta. Default: exact wherever the merged delta "
+             "is low-rank (linear and factor-form methods, space=core), else the largest input rank. Not for cat."),
+    warn_loss: Optional[float] = typer.Option(None, help="Warn when truncating loses more than this fraction of a module's merged delta (default 0.1; 1 = never)."),
     seed: Optional[int] = typer.Option(None, help="Seed for DARE/DELLA drops and the randomized SVD (default 0). Same seed, same bytes."),
     svd: Optional[str] = typer.Option(None, help="Back-to-low-rank for element-wise methods: randomized (fast, default) or exact."),
     svd_niter: Optional[int] = typer.Option(None, help="Power iterations of the randomized SVD (default 2)."),
     svd_oversample: Optional[int] = typer.Option(None, help="Extra sketch columns of the randomized SVD (default 8)."),
     dtype: Optional[str] = typer.Option(None, help="Output dtype: float32, bfloat16 or float16 (default: the inputs' dtype)."),
     alpha: Optional[float] = typer.Option(None, help="lora_alpha for bare .safetensors inputs without it in their metadata."),
-    extra_tensors: Optional[str] = typer.Option(None, help="Non-LoRA tensors (modules_to_save, ...): identical (default: copy only if identical in all inputs, else error) or first (copy from the first input)."),
+    extra_tensors: Optional[str] = typer.Option(None,
+        help="Non-LoRA tensors (modules_to_save, ...): identical (default: copy only if identical in all inputs, else error) or first (copy from the first input)."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge inputs that contain NaN/Inf instead of refusing them."),
+    allow_disjoint: bool = typer.Option(False, "--allow-disjoint", help="Accept an input that shares no module with the others (refused by default: usually adapters of different models)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing output."),
+    to: Optional[str] = typer.Option(None, "--to", help="Output format: peft, kohya, diffusers or gguf (default: from the output name; a .safetensors output of kohya/diffusers inputs keeps their format)."),
+    for_: Optional[str] = typer.Option(None, "--for", help="Export profile: vllm (PEFT, one rank from vLLM's accepted set, scale folded) or llama.cpp (GGUF)."),
+    in_format: Optional[str] = typer.Option(None, "--format", help="Force the input format (peft, kohya, lycoris, diffusers, gguf) instead of detecting it."),
+    base_model: Optional[Path] = typer.Option(None, "--base", help="Base model (safetensors file, index, or model/pipeline folder): module names for kohya inputs, head counts for GGUF."),
+    ignore_unknown: bool = typer.Option(False, "--ignore-unknown", help="Load inputs with unrecognised keys (they are listed) instead of refusing them."),
+    gguf_arch: Optional[str] = typer.Option(None, "--gguf-arch", help="general.architecture of a GGUF output (default: the input's, else llama)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML/TOML/JSON file with the same options (inputs with per-input weight/density/alpha, method, params, ...). Command-line options override it."),
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table."),
 ) -> None:
     """Merge LoRA adapters into one LoRA adapter (a PEFT directory, or one .safetensors file).
 
-    Element-wise methods act on each module's delta scale*B@A (never on A and B separately) and are truncated
-    back to low rank with a seeded randomized SVD; linear methods are merged exactly in low-rank form.
+    Element-wise methods act on each module's delta scale*B@A (never on A and B separately) and are truncated back to low rank with a seeded randomized SVD, or run exactly in Core Space with -p space=core; linear and SVD-family methods (tsv_m, iso_c, iso_cts, knots) are computed exactly in low-rank form, at the sum of the input ranks by default.
+
+    A folder output also gets a README.md that tells in words what was merged, how, and how faithful the result is. Inputs that share no module with the others are refused unless --allow-disjoint.
 
     Example: adaptermerge merge a/ b/ c.safetensors --method ties --weights 0.5,0.3,0.2 --density 0.5 --rank 16 -o merged/
-    """
-    from .adapter import check_output_path, load_adapter
-    from .engine import merge_to, retain_freed_memory, validate_options
+    """  # help paragraphs are one line each: the help renderer keeps line breaks, so a wrapped source line would break mid-sentence
+    from . import formats_cli
+    from .engine import DEFAULT_WARN_LOSS, MergeLossWarning, MergeRequest, merge_to, retain_freed_memory
 
     cfg: dict[str, Any] = load_config_file(config) if config else {}
     base = config.parent if config else Path(".")
-    cfg_paths, cfg_weights, cfg_dens, cfg_alphas = _expand_inputs(cfg, base)
+    cfg_paths, cfg_weights, cfg_per_input, cfg_alphas = _expand_inputs(cfg, base)
     paths = list(inputs or []) or cfg_paths
     if not paths:
         raise ParameterError("no inputs: give adapter paths or a --config with inputs")
     if inputs and cfg_paths:
-        cfg_weights, cfg_dens, cfg_alphas = None, None, []
+        cfg_weights, cfg_per_input, cfg_alphas = None, {}, []
     w = _floats(weights, "--weights") if weights is not None else cfg_weights if cfg_weights is not None else cfg.get("weights")
+    method_name = method or cfg.get("method", "linear")
     params: dict[str, Any] = dict(cfg.get("params") or {})
-    if cfg_dens is not None:
-        params["density"] = cfg_dens
-    cli_params = {"density": None if density is None else (lambda v: v[0] if len(v) == 1 else v)(_floats(density, "--density")),
-                  "majority_sign": majority_sign, "scale": scale, "normalize": normalize, "rescale": rescale,
-                  "gamma": gamma, "epsilon": epsilon}
-    params.update({k: v for k, v in cli_params.items() if v is not None})
+    params.update(cfg_per_input)
+    flags = {"density": None if density is None else one_or_many(_floats(density, "--density")),
+             "majority_sign": majority_sign, "scale": scale, "normalize": normalize, "rescale": rescale,
+             "gamma": gamma, "epsilon": epsilon, "space": space}
+    params.update(operator_params(method_name, param, flags))
     opts = {
         "rank": _rank(rank if rank is not None else cfg.get("rank")),
         "seed": seed if seed is not None else cfg.get("seed", 0),
@@ -211,32 +233,49 @@ def merge(
         "svd_oversample": svd_oversample if svd_oversample is not None else cfg.get("svd_oversample", 8),
         "dtype": dtype or cfg.get("dtype"),
         "extra_tensors": extra_tensors or cfg.get("extra_tensors", "identical"),
+        "warn_loss": warn_loss if warn_loss is not None else cfg.get("warn_loss", DEFAULT_WARN_LOSS),
+        "allow_disjoint": allow_disjoint or bool(cfg.get("allow_disjoint", False)),
     }
-    method_name = method or cfg.get("method", "linear")
-    # 1. every option, before any file is opened
-    validate_options(method_name, len(paths), w, params, **opts)
+    # 1. every option, once, before any file is opened
+    request = MergeRequest.build(method_name, len(paths), w, params, **opts)
     target = output if output is not None else (base / str(cfg["output"]) if cfg.get("output") else None)
     if target is None:
         raise ParameterError("no output: pass -o/--output (a directory, or a file ending in .safetensors)")
     force = force or bool(cfg.get("force", False))
-    check_output_path(target, force=force, inputs=[Path(p) for p in paths])
-    # 2. headers of every input (no tensor data yet)
+    fmt_opts = formats_cli.FormatOptions(to, for_, in_format, base_model, ignore_unknown, gguf_arch)
+    fmt_opts.check_output(target, force=force, inputs=[Path(p) for p in paths])
+    # 2. headers of every input (no tensor data yet), in any format, mapped to one module naming
     default_alpha = alpha if alpha is not None else cfg.get("alpha")
     alphas = [(cfg_alphas[i] if i < len(cfg_alphas) and cfg_alphas[i] is not None else default_alpha) for i in range(len(paths))]
-    adapters = [load_adapter(p, alpha=a) if os.path.isfile(p) else load_adapter(p) for p, a in zip(paths, alphas)]
-    # 3. merge, streaming to a temporary output renamed into place at the end
+    adapters = fmt_opts.load_inputs(paths, alphas)
+    # 3. merge, streaming to a temporary output renamed into place at the end (other formats: through a sink)
     retain_freed_memory()  # this process ends after the merge: reuse freed deltas instead of faulting pages in
     bar, update = _progress_bar(not (quiet or json_out))
-    if bar is not None:
-        with bar:
-            summary = merge_to(target, adapters, method_name, w, force=force, allow_nonfinite=allow_nonfinite or bool(cfg.get("allow_nonfinite")), progress=update, **opts, **params)
-    else:
-        summary = merge_to(target, adapters, method_name, w, force=force, allow_nonfinite=allow_nonfinite or bool(cfg.get("allow_nonfinite")), **opts, **params)
+    nonfinite = allow_nonfinite or bool(cfg.get("allow_nonfinite"))
+
+    def run(progress):
+        if fmt_opts.needs_sink(target, adapters):
+            return fmt_opts.merge_and_save(target, adapters, request, None, force=force, allow_nonfinite=nonfinite,
+                                           progress=progress)
+        return merge_to(target, adapters, request, force=force, allow_nonfinite=nonfinite, progress=progress)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MergeLossWarning)  # printed below, from the summary
+        if bar is not None:
+            with bar:
+                summary = run(update)
+        else:
+            summary = run(None)
     summary["output"] = str(target)
+    formats_cli.add_input_reports(summary, adapters)
     if json_out:
         out.print_json(json.dumps(summary))
     elif not quiet:
         _print_merge_summary(summary)
+        for note in summary.get("output_notes", []):
+            err.print(f"note: {note}", highlight=False, markup=False)
+    for w in summary["warnings"]:
+        err.print(f"warning: {w}", highlight=False, markup=False)
 
 
 def _print_merge_summary(s: dict[str, Any]) -> None:
@@ -245,7 +284,7 @@ def _print_merge_summary(s: dict[str, Any]) -> None:
         t.add_column(col)
     for inp, w in zip(s["inputs"], s["weights"]):
         t.add_row(inp["name"], f"{w:g}", str(inp["modules"]), ",".join(map(str, inp["ranks"])), inp["dtype"])
-    err.print(t)
+    err.print(t, soft_wrap=False)
     ranks = sorted({m["rank"] for m in s["modules"].values()})
     err.print(
         f"{s['n_modules']} modules, output rank {','.join(map(str, ranks))}, dtype {s['output_dtype']}; "
@@ -264,45 +303,94 @@ def _print_merge_summary(s: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------ inspect
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="A PEFT adapter directory or a .safetensors file."),
+    path: Path = typer.Argument(..., help="A LoRA: PEFT adapter directory, or a PEFT/kohya/LyCORIS/diffusers .safetensors or GGUF file."),
     alpha: Optional[float] = typer.Option(None, help="lora_alpha for a bare .safetensors file without it in its metadata."),
+    in_format: Optional[str] = typer.Option(None, "--format", help="Force the format (peft, kohya, lycoris, diffusers, gguf) instead of detecting it."),
+    base_model: Optional[Path] = typer.Option(None, "--base", help="Base model (safetensors file, index, or model/pipeline folder): module names for kohya files, head counts for GGUF."),
+    ignore_unknown: bool = typer.Option(False, "--ignore-unknown", help="Open a file with unrecognised keys (they are listed) instead of refusing it."),
     json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON on stdout."),
 ) -> None:
-    """Show an adapter's modules, shapes, ranks, alpha/scaling, dtype, delta norms and provenance."""
-    from .adapter import load_adapter
+    """Show a LoRA's format (detected), modules, shapes, ranks, alpha/scale per module, dtype, delta norms, key
+    coverage and provenance."""
+    from . import formats
     from .lowrank import delta_norm
 
-    a = load_adapter(path, alpha=alpha, require_alpha=False)
+    a = formats.load(path, alpha=alpha, require_alpha=False, format=in_format, base=base_model, ignore_unknown=ignore_unknown)
     rows = []
-    for m in a.modules.values():
+    for m in sorted(a.modules.values(), key=lambda m: natural_key(m.name)):  # layers 0, 1, 2, ..., 10, not 0, 1, 10
         b, aa = a.factors(m.name, check_finite=False)
         rows.append({
             "module": m.name, "kind": m.kind, "shape": list(m.shape), "rank": m.rank, "alpha": m.alpha,
             "scale": m.scale, "dtype": m.dtype, "delta_norm": delta_norm(b, aa),
+            "kernel": list(a.layout[m.name]) if m.name in a.layout else None,
         })
     info = {
         "path": str(path), "weights_file": str(a.weights_file), "sha256": a.sha256(), "n_modules": len(rows),
         "config": {k: a.config.get(k) for k in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "base_model_name_or_path") if k in a.config},
         "extra_tensors": sorted(a.extras), "provenance": a.metadata, "notes": a.notes, "modules": rows,
+        "format": a.coverage.as_dict(),
     }
     if json_out:
         out.print_json(json.dumps(info))
         return
     _widen(out)
     t = Table(title=f"{path}  ({len(rows)} modules, sha256 {info['sha256'][:12]}…)")
+    longest = max((len(r["module"].removeprefix("base_model.model.")) for r in rows), default=6)
     for col in ("module", "kind", "shape", "rank", "alpha", "scale", "dtype", "‖ΔW‖_F"):
-        t.add_column(col, justify="right" if col not in ("module", "kind", "dtype") else "left")
+        if col == "module":  # whole names (q_proj vs v_proj), folded rather than cut on a very narrow terminal
+            t.add_column(col, width=min(longest, max(20, out.width - 60)), overflow="fold")
+        else:
+            t.add_column(col, justify="right" if col not in ("kind", "dtype") else "left", overflow="fold")
     for r in rows:
-        t.add_row(r["module"].removeprefix("base_model.model."), r["kind"], "x".join(map(str, r["shape"])), str(r["rank"]),
+        t.add_row(r["module"].removeprefix("base_model.model."), r["kind"] if not r["kernel"] else "conv{}x{}".format(*r["kernel"]), "x".join(map(str, r["shape"])), str(r["rank"]),
                   f"{r['alpha']:g}", f"{r['scale']:.4g}", r["dtype"], f"{r['delta_norm']:.4g}")
-    out.print(t)
+    out.print(t, soft_wrap=False)
+    cov = info["format"]
+    out.print(f"format: {cov['format']} (detected by {cov['detected_by']}); module names: {cov['mapping']}; "
+              f"keys: {cov['recognised_keys']} recognised, {len(cov['unrecognised_keys'])} not")
     out.print("config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
     if a.extras:
         out.print(f"non-LoRA tensors: {', '.join(sorted(a.extras))}")
     for k, v in sorted(a.metadata.items()):
         out.print(f"metadata {k}: {v if len(v) < 300 else v[:300] + '…'}")
     for n in a.notes:
-        out.print(f"note: {n}")
+        if not n.startswith("format "):  # (shown in the format line above)
+            out.print(f"note: {n}")
+
+
+# ------------------------------------------------------------------------------------------------ convert
+@app.command()
+def convert(
+    path: Path = typer.Argument(..., help="A LoRA in any supported format (PEFT folder/file, kohya, LyCORIS, diffusers, GGUF)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output: a folder (PEFT) or a file (.safetensors, .gguf)."),
+    to: Optional[str] = typer.Option(None, "--to", help="peft, kohya, diffusers or gguf (default: from the output name)."),
+    for_: Optional[str] = typer.Option(None, "--for", help="Export profile: vllm or llama.cpp."),
+    in_format: Optional[str] = typer.Option(None, "--format", help="Force the input format instead of detecting it."),
+    base_model: Optional[Path] = typer.Option(None, "--base", help="Base model (safetensors file, index, or model/pipeline folder): module names for kohya files, head counts for GGUF."),
+    ignore_unknown: bool = typer.Option(False, "--ignore-unknown", help="Convert a file with unrecognised keys (they are listed and dropped) instead of refusing it."),
+    gguf_arch: Optional[str] = typer.Option(None, "--gguf-arch", help="general.architecture of a GGUF output (default: the input's, else llama)."),
+    dtype: Optional[str] = typer.Option(None, help="Output dtype: float32, bfloat16 or float16 (default: the input's)."),
+    alpha: Optional[float] = typer.Option(None, help="lora_alpha for a bare PEFT .safetensors input without it in its metadata."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing output."),
+    json_out: bool = typer.Option(False, "--json", help="Print a machine-readable report on stdout."),
+) -> None:
+    """Convert a LoRA between formats; the written file applies exactly the same delta (scale folded into the factors).
+
+    Example: adaptermerge convert lora.safetensors --to peft -o adapter/
+    """
+    from . import formats_cli
+
+    report = formats_cli.convert(path, output, to=to, profile=for_, in_format=in_format, base=base_model,
+                                 ignore_unknown=ignore_unknown, gguf_arch=gguf_arch, dtype=dtype, alpha=alpha, force=force)
+    if json_out:
+        out.print_json(json.dumps(report))
+        return
+    cov = report["input"]
+    err.print(f"{path}: format {cov['format']} (detected by {cov['detected_by']}); module names: {cov['mapping']}; "
+              f"{cov['recognised_keys']} keys recognised, {len(cov['unrecognised_keys'])} not", highlight=False, markup=False)
+    for n in report["notes"]:
+        err.print(f"note: {n}", highlight=False, markup=False)
+    err.print(f"wrote {report['output']['format']} -> {output} ({report['modules']} modules)", highlight=False, markup=False)
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -316,20 +404,37 @@ def methods(json_out: bool = typer.Option(False, "--json", help="Print machine-r
         out.print_json(json.dumps(info))
         return
     _widen(out)
-    t = Table(show_lines=True)
-    for col in ("method", "kind", "parameters", "reference"):
-        t.add_column(col)
+    render_methods(info, out)
+
+
+def render_methods(info: list[dict[str, Any]], console: Console) -> None:
+    """The methods as a two-column table that fits ``console.width`` (>= 60 columns): the name and form on the left;
+    on the right what the method does, its parameters one per line, and each paper with its link (and reference
+    code) on a line of its own. Text wraps at spaces and long words fold, so nothing is cut off with an ellipsis."""
+    from rich.markup import escape
+    from rich.text import Text
+
+    name_width = max(len(m["name"]) for m in info) if info else 6
+    width = min(console.width, 120)
+    t = Table(show_lines=True, width=width, box=None if width < 60 else ROUNDED_BOX, padding=(0, 1))
+    t.add_column("method", no_wrap=True, min_width=name_width, max_width=name_width)
+    t.add_column("what it does · parameters (default, allowed) · paper", overflow="fold", ratio=1)
     for m in info:
-        ps = []
+        lines = [escape(m["summary"])]
         for p in m["params"]:
             rng = p.get("choices") or p.get("range")
-            ps.append(f"{p['name']}={p['default']!r}" + (f" {rng}" if rng else "") + (" (per input)" if p.get("per_input") else ""))
-        t.add_row(f"[bold]{m['name']}[/]\n{m['summary']}", m["kind"], "\n".join(ps) or "-", m["paper"])
-    out.print(t)
+            lines.append(f"  [cyan]{escape(p['name'])}[/]={escape(repr(p['default']))}" + (f" {escape(str(rng))}" if rng else "")
+                         + (" (one per input allowed)" if p.get("per_input") else ""))
+        for paper in m["papers"]:
+            lines.append(f"[dim]{escape(paper['citation'])}[/]")
+            code = f" · code: github.com/{paper['repo']}" if paper["repo"] else ""
+            lines.append(f"[dim]{escape(paper['url'] + code)}[/]")
+        t.add_row(Text.assemble((m["name"], "bold"), "\n", (m["form"], "dim")), "\n".join(lines))
+    console.print(t, soft_wrap=False)
 
 
 # ------------------------------------------------------------------------------------------------ analyze
-from .analyze_cli import analyze as _analyze  # noqa: E402  (typer/rich/stdlib only at import time)
+from .analyze_cli import analyze as _analyze, natural_key  # noqa: E402  (typer/rich/stdlib only at import time)
 
 app.command(name="analyze")(_analyze)
 
@@ -366,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     _load_plugins()
     cmd = typer.main.get_command(app)
     try:
-        cmd.main(args=argv, prog_name="adaptermerge", standalone_mode=False)
+        with cli_wording():  # messages name options as flags (--force), not keyword arguments (force=True)
+            cmd.main(args=argv, prog_name="adaptermerge", standalone_mode=False)
     except AdapterMergeError as e:
         err.print(f"error: {e}", highlight=False, markup=False)
         return e.exit_code

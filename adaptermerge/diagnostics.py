@@ -376,11 +376,12 @@ def _prepare_preview(
     """Validate a preview (before any tensor is read) and plan it with the merge engine."""
     if spec is None:
         return None, None
-    from .engine import plan
+    from .engine import MergeRequest, plan
 
     p = check_preview(spec, len(adapters), seed)
-    mp = plan(list(adapters), p.method, p.weights, rank=p.rank, seed=seed, extra_tensors="first", **dict(p.params))
-    return p, mp
+    req = MergeRequest.build(p.method, len(adapters), p.weights, dict(p.params), rank=p.rank, seed=seed,
+                             extra_tensors="first", allow_disjoint=True)
+    return p, plan(list(adapters), req)
 
 
 def _preview_names(names: list[str], limit: int | None, seed: int) -> list[str]:
@@ -447,7 +448,7 @@ def _linear_preview(
     """
     coeffs = mp.method.coefficients(mp.weights, mp.params)
     core = sum((coeffs[i] * c for i, c in zip(present, cores)), torch.zeros_like(cores[0]))
-    if mp.method.kind == "concat" or mp.rank == "full":
+    if mp.method.concat or mp.rank == "full":
         return core, 0.0
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
     k = plan_mod.out_rank
@@ -460,7 +461,7 @@ def _dense_merge(info: ModuleInfo, mp: "MergePlan", factors: Mapping[int, tuple[
     """The untruncated output of an element-wise operator on one module, exactly as the engine calls it
     (zero deltas for absent inputs, the per-module seed of :func:`adaptermerge.engine.module_seed`)."""
     deltas = [factors[i][0] @ factors[i][1] if i in factors else torch.zeros(info.shape) for i in range(len(mp.weights))]
-    kwargs = {k: v for k, v in mp.params.items() if k != "seed"}
+    kwargs = {k: v for k, v in mp.method.operator_params(mp.params).items() if k != "seed"}
     if mp.method.stochastic:
         kwargs["seed"] = module_seed(mp.seed, info.name)
     return mp.method.fn(deltas, mp.weights, **kwargs)
@@ -472,28 +473,28 @@ def _preview_module(
 ) -> None:
     """The merged module as ``merge`` makes it, and its inner products with each input's delta.
 
-    Linear and concat methods stay in the small core space of :func:`factor_cores`. Element-wise methods run the
-    engine's own per-module merge (dense deltas, the operator, the seeded truncation back to low rank) and take the
-    inner products from the merged factors.
+    Coefficients-form methods stay in the small core space of :func:`factor_cores`. Every other method runs the
+    engine's public per-module merge (:func:`adaptermerge.engine.merge_module`) and takes the inner products from
+    the merged factors.
     """
     inner = np.zeros(n)
-    if mp.method.kind in ("linear", "concat"):
+    if mp.method.form == "coefficients":
         core, err = _linear_preview(cores, res.info.present, plan_mod, mp)
         sq = float((core * core).sum())
         for x, i in enumerate(res.info.present):
             inner[i] = float((core * cores[x]).sum())
         rank = plan_mod.out_rank
-    elif mp.rank == "full":
+    elif mp.rank == "full" and not mp.request.exact_low_rank:
         merged = _dense_merge(res.info, mp, factors).double()
         err, sq, rank = 0.0, float((merged * merged).sum()), min(res.info.shape)
         for i in res.info.present:
             b_i, a_i = factors[i]
             inner[i] = float(((b_i.double().T @ merged) * a_i.double()).sum())  # trace(B^T M A^T)
     else:
-        from .engine import _merge_module
+        from .engine import merge_module
         from .lowrank import delta_inner
 
-        b, a, err = _merge_module(plan_mod, mp, adapters, True)
+        b, a, err = merge_module(plan_mod, mp, adapters)
         sq = max(delta_inner(b, a, b, a), 0.0)
         for i in res.info.present:
             inner[i] = delta_inner(b, a, factors[i][0], factors[i][1])

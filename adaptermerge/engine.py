@@ -1,15 +1,21 @@
-"""The merge engine: plan (headers only), then merge module by module, back to low rank, into an adapter.
+"""The merge engine: validate once (a frozen :class:`MergeRequest`), plan (headers only), then merge module by
+module back to low rank, into an adapter.
 
-Per module, with ``dW_i = scale_i * B_i @ A_i`` the delta of input i (zero where an input lacks the module):
+Per module, with ``dW_i = scale_i * B_i @ A_i`` the delta of input i (zero where an input lacks the module), the
+engine asks the operator its form (:mod:`adaptermerge.protocol`) and never looks at its name:
 
-* ``linear`` operators (linear, task_arithmetic): ``dW = sum_i c_i dW_i`` is never formed; the optimal rank-R
-  factors come from the stacked factors (QR + small core SVD, exact).
-* ``concat`` (cat): the factors are concatenated, rank = sum of ranks, exact.
-* ``elementwise`` operators (ties, dare_*, magnitude_prune, breadcrumbs, della): the dense deltas of one module are
-  formed, the operator runs on them, and the result is truncated back to rank R by a seeded randomized SVD (or an
-  exact one), whose relative error is reported per module.
+* ``coefficients`` (linear, task_arithmetic, cat): ``dW = sum_i c_i dW_i`` is never formed; the optimal rank-R
+  factors come from the stacked factors (QR + small core SVD, exact), or the factors are concatenated (cat).
+* ``factors`` (tsv_m, iso_c, iso_cts, knots): the operator gets every input's scaled factors and returns low-rank
+  factors, which are truncated optimally to the requested rank (by default kept whole: exact).
+* ``dense`` (ties, dare_*, magnitude_prune, breadcrumbs, della*): with ``space = full`` the dense deltas of one
+  module are formed, the operator runs on them, and the result is truncated back to rank R by a seeded randomized
+  SVD (or an exact one), whose relative error is reported per module. With ``space = core`` the operator runs on
+  the inputs' small core matrices (Core Space merging) and the result is exactly low-rank.
 
-Every parameter is validated before any tensor is read. Stochastic operators get a per-module seed derived from
+The default output rank keeps the merge exact wherever the merged delta is low-rank (everything but dense
+operators in full space); where a truncation loses more than ``warn_loss`` of a module's delta norm, the summary
+carries a warning with the figure and the ways out. Stochastic operators get a per-module seed derived from
 (seed, module name), so results do not depend on module order, thread count or which other modules exist.
 """
 
@@ -17,16 +23,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from . import __version__
+from ._version import __version__
 from .adapter import (
     SCALE_FOLDED_KEY,
     Adapter,
@@ -37,10 +46,12 @@ from .adapter import (
     load_adapter,
     resolve_output_dtype,
 )
-from .errors import IncompatibleInputsError, InputError, OutputError, ParameterError
+from .errors import IncompatibleInputsError, InputError, OutputError, ParameterError, option
 from .lowrank import concat_factors, full_rank_factors, truncate_dense, truncate_factors
-from .registry import Method, resolve
-from .safetensors_io import SafetensorsWriter, gib, memory_limit_bytes, read_tensor
+from .factorops import core_space
+from .protocol import Operator
+from .registry import resolve
+from .safetensors_io import SafetensorsWriter, gib, memory_limit_bytes
 
 RankSpec = int | Literal["full"] | None
 Progress = Callable[[int, int, str], None]
@@ -57,20 +68,116 @@ class ModulePlan:
     template: LoraModule  # key naming of the output
 
 
+#: Default of ``warn_loss``: warn when a truncation loses more than 10% of a module's merged delta (Frobenius norm).
+DEFAULT_WARN_LOSS = 0.1
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """Every option of a merge, validated once (by :meth:`build`) before any file is opened.
+
+    ``params`` holds the operator's full resolved parameters (defaults filled in, per-input ones expanded to one
+    value per input; read-only). ``plan``, ``merge`` and ``merge_to`` take this object.
+    """
+
+    operator: Operator
+    n_inputs: int
+    weights: tuple[float, ...]
+    params: Mapping[str, Any]
+    rank: RankSpec = None
+    seed: int = 0
+    svd: str = "randomized"
+    svd_niter: int = 2
+    svd_oversample: int = 8
+    dtype: str | None = None
+    extra_tensors: str = "identical"
+    warn_loss: float = DEFAULT_WARN_LOSS
+    allow_disjoint: bool = False
+
+    @property
+    def method(self) -> Operator:
+        return self.operator
+
+    @property
+    def space(self) -> str:
+        """Where a dense operator runs: ``full`` (dense deltas) or ``core`` (core matrices); ``-`` otherwise."""
+        return str(self.params.get("space", "-"))
+
+    @property
+    def exact_low_rank(self) -> bool:
+        """Whether the merged delta is low-rank (rank <= sum of input ranks) and computed exactly."""
+        return self.operator.form != "dense" or self.space == "core"
+
+    @classmethod
+    def build(
+        cls,
+        method: str,
+        n_inputs: int,
+        weights: Sequence[float] | None = None,
+        params: Mapping[str, Any] | None = None,
+        *,
+        rank: RankSpec = None,
+        seed: int = 0,
+        svd: str = "randomized",
+        svd_niter: int = 2,
+        svd_oversample: int = 8,
+        dtype: str | None = None,
+        extra_tensors: str = "identical",
+        warn_loss: float = DEFAULT_WARN_LOSS,
+        allow_disjoint: bool = False,
+    ) -> "MergeRequest":
+        """Check every option of a merge without touching any file; ParameterError naming the option otherwise."""
+        if isinstance(n_inputs, bool) or not isinstance(n_inputs, int) or n_inputs < 1:
+            raise ParameterError("need at least one input adapter")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ParameterError(f"seed must be a non-negative integer, got {seed!r}")
+        m, w, p = resolve(method, n_inputs, weights, {**dict(params or {}), "seed": seed})
+        if rank is not None and rank != "full":
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                raise ParameterError(f"rank must be a positive integer or 'full', got {rank!r}")
+        if m.concat and rank is not None:
+            raise ParameterError(f"method '{m.name}' is an exact concatenation (rank = sum of input ranks); "
+                                 "do not pass rank")
+        if svd not in ("randomized", "exact"):
+            raise ParameterError(f"svd must be 'randomized' or 'exact', got {svd!r}")
+        if isinstance(svd_niter, bool) or not isinstance(svd_niter, int) or svd_niter < 0:
+            raise ParameterError(f"svd_niter must be an integer >= 0, got {svd_niter!r}")
+        if isinstance(svd_oversample, bool) or not isinstance(svd_oversample, int) or svd_oversample < 0:
+            raise ParameterError(f"svd_oversample must be an integer >= 0, got {svd_oversample!r}")
+        resolve_output_dtype(dtype, "F32")
+        if extra_tensors not in ("identical", "first"):
+            raise ParameterError(f"extra_tensors must be 'identical' or 'first', got {extra_tensors!r}")
+        if (isinstance(warn_loss, bool) or not isinstance(warn_loss, (int, float)) or not math.isfinite(warn_loss)
+                or not 0 <= warn_loss <= 1):
+            raise ParameterError(f"warn_loss must be a number in [0, 1] (1 = never warn), got {warn_loss!r}")
+        if not isinstance(allow_disjoint, bool):
+            raise ParameterError(f"allow_disjoint must be true or false, got {allow_disjoint!r}")
+        frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in p.items()}
+        return cls(
+            operator=m, n_inputs=n_inputs, weights=tuple(w), params=MappingProxyType(frozen), rank=rank, seed=seed,
+            svd=svd, svd_niter=svd_niter, svd_oversample=svd_oversample, dtype=dtype, extra_tensors=extra_tensors,
+            warn_loss=float(warn_loss), allow_disjoint=allow_disjoint,
+        )
+
+
 @dataclass
 class MergePlan:
-    method: Method
-    weights: list[float]
-    params: dict[str, Any]
-    rank: RankSpec
-    seed: int
-    svd: str
-    svd_niter: int
-    svd_oversample: int
+    request: MergeRequest
     out_dtype: torch.dtype
     modules: list[ModulePlan]
     extras: dict[str, tuple[int, str]]  # extra tensor key -> (input index to copy from, why)
     notes: list[str] = field(default_factory=list)
+    contexts: dict[str, Any] | None = None  # model-wide operators: each module's context (first pass, cached)
+
+    # the request's fields, for code that reads them off the plan
+    method = property(lambda self: self.request.operator)
+    weights = property(lambda self: list(self.request.weights))
+    params = property(lambda self: dict(self.request.params))
+    rank = property(lambda self: self.request.rank)
+    seed = property(lambda self: self.request.seed)
+    svd = property(lambda self: self.request.svd)
+    svd_niter = property(lambda self: self.request.svd_niter)
+    svd_oversample = property(lambda self: self.request.svd_oversample)
 
 
 def retain_freed_memory() -> bool:
@@ -98,41 +205,27 @@ def retain_freed_memory() -> bool:
     return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1)) == 1
 
 
+def _opt_extra_first() -> str:
+    return option("--extra-tensors first", "extra_tensors='first'")
+
+
+def _opt_method_cat() -> str:
+    return option("--method cat", "method='cat'")
+
+
+def _opt_rank_full() -> str:
+    return option("--rank full", "rank='full'")
+
+
 def validate_options(
     method: str,
     n_inputs: int,
     weights: Sequence[float] | None,
     params: Mapping[str, Any],
-    *,
-    rank: RankSpec = None,
-    seed: int = 0,
-    svd: str = "randomized",
-    svd_niter: int = 2,
-    svd_oversample: int = 8,
-    dtype: str | None = None,
-    extra_tensors: str = "identical",
-) -> tuple[Method, list[float], dict[str, Any]]:
-    """Check every option of a merge without touching any file. Returns the method, weights and full params."""
-    if n_inputs < 1:
-        raise ParameterError("need at least one input adapter")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ParameterError(f"seed must be a non-negative integer, got {seed!r}")
-    m, w, p = resolve(method, n_inputs, weights, {**dict(params), "seed": seed})
-    if rank is not None and rank != "full":
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-            raise ParameterError(f"rank must be a positive integer or 'full', got {rank!r}")
-    if m.kind == "concat" and rank is not None:
-        raise ParameterError("method 'cat' is an exact concatenation (rank = sum of input ranks); do not pass rank")
-    if svd not in ("randomized", "exact"):
-        raise ParameterError(f"svd must be 'randomized' or 'exact', got {svd!r}")
-    if isinstance(svd_niter, bool) or not isinstance(svd_niter, int) or svd_niter < 0:
-        raise ParameterError(f"svd_niter must be an integer >= 0, got {svd_niter!r}")
-    if isinstance(svd_oversample, bool) or not isinstance(svd_oversample, int) or svd_oversample < 0:
-        raise ParameterError(f"svd_oversample must be an integer >= 0, got {svd_oversample!r}")
-    resolve_output_dtype(dtype, "F32")
-    if extra_tensors not in ("identical", "first"):
-        raise ParameterError(f"extra_tensors must be 'identical' or 'first', got {extra_tensors!r}")
-    return m, w, p
+    **opts: Any,
+) -> MergeRequest:
+    """Check every option of a merge without touching any file: :meth:`MergeRequest.build`."""
+    return MergeRequest.build(method, n_inputs, weights, params, **opts)
 
 
 def module_seed(seed: int, name: str) -> int:
@@ -143,25 +236,18 @@ def module_seed(seed: int, name: str) -> int:
 
 def plan(
     adapters: Sequence[Adapter],
-    method: str = "linear",
+    method: "str | MergeRequest" = "linear",
     weights: Sequence[float] | None = None,
-    *,
-    rank: RankSpec = None,
-    seed: int = 0,
-    svd: str = "randomized",
-    svd_niter: int = 2,
-    svd_oversample: int = 8,
-    dtype: str | None = None,
-    extra_tensors: str = "identical",
-    **params: Any,
+    **options: Any,
 ) -> MergePlan:
-    """Validate options, then check the inputs against each other from their headers. Reads no tensor data
-    (except non-LoRA extra tensors, compared byte for byte)."""
-    m, w, p = validate_options(
-        method, len(adapters), weights, params, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter,
-        svd_oversample=svd_oversample, dtype=dtype, extra_tensors=extra_tensors,
-    )
+    """Check the inputs against each other from their headers and decide every module's output rank. Reads no
+    tensor data (except non-LoRA extra tensors, compared byte for byte). ``method`` is a :class:`MergeRequest`, or
+    a method name with the same arguments as :meth:`MergeRequest.build` (validated here)."""
+    req = _request(method, len(adapters), weights, options)
+    m, rank = req.operator, req.rank
     names = sorted({n for a in adapters for n in a.modules})
+    if not req.allow_disjoint:
+        _check_overlap(adapters, m, req.params)
     max_rank = max(mod.rank for a in adapters for mod in a.modules.values())
     modules: list[ModulePlan] = []
     notes: list[str] = []
@@ -177,14 +263,16 @@ def plan(
                 )
         ranks = tuple(adapters[i].modules[name].rank for i in present)
         mm, nn = first.shape
-        if m.kind == "concat":
+        exact = min(sum(ranks), mm, nn)  # the rank bound of every low-rank result
+        if m.concat:
             out_rank = sum(ranks)
+        elif req.exact_low_rank:
+            out_rank = exact if rank is None or rank == "full" else min(rank, exact)
         elif rank == "full":
             out_rank = min(mm, nn)
         else:
-            target = max_rank if rank is None else rank
-            out_rank = min(target, mm, nn, sum(ranks)) if m.kind == "linear" else min(target, mm, nn)
-        _check_memory(name, first.shape, len(adapters), m, rank)
+            out_rank = min(max_rank if rank is None else rank, mm, nn)
+        _check_memory(name, first.shape, len(adapters), req)
         modules.append(ModulePlan(name, first.kind, first.shape, present, ranks, out_rank, first))
         if len(present) < len(adapters):
             missing = [adapters[i].name for i in range(len(adapters)) if i not in present]
@@ -192,9 +280,57 @@ def plan(
     dtypes = {a.dtype for a in adapters}
     in_dtype = dtypes.pop() if len(dtypes) == 1 else "F32"
     return MergePlan(
-        method=m, weights=w, params=p, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter,
-        svd_oversample=svd_oversample, out_dtype=resolve_output_dtype(dtype, in_dtype), modules=modules,
-        extras=_plan_extras(adapters, extra_tensors), notes=notes,
+        request=req, out_dtype=resolve_output_dtype(req.dtype, in_dtype), modules=modules,
+        extras=_plan_extras(adapters, req.extra_tensors), notes=notes,
+    )
+
+
+def _request(method: "str | MergeRequest", n_inputs: int, weights: Any, options: Mapping[str, Any]) -> MergeRequest:
+    """The request of a call that passes either a :class:`MergeRequest` or a method name with its options."""
+    if isinstance(method, MergeRequest):
+        given = [k for k, v in options.items() if v is not None] + (["weights"] if weights is not None else [])
+        if given:
+            raise ParameterError(f"pass a MergeRequest alone, or a method name with options; got both ({', '.join(given)})")
+        if method.n_inputs != n_inputs:
+            raise ParameterError(f"the request is for {method.n_inputs} inputs but {n_inputs} adapters were given")
+        return method
+    opts = {k: options.pop(k) for k in list(options) if k in _REQUEST_OPTIONS}
+    return MergeRequest.build(method, n_inputs, weights, options, **{k: v for k, v in opts.items() if v is not None})
+
+
+_REQUEST_OPTIONS = ("rank", "seed", "svd", "svd_niter", "svd_oversample", "dtype", "extra_tensors", "warn_loss",
+                    "allow_disjoint")
+
+
+def _check_overlap(adapters: Sequence[Adapter], method: Operator, params: Mapping[str, Any]) -> None:
+    """Refuse inputs that share no module with the others: such a "merge" combines nothing, and under linear's
+    default normalisation it silently shrinks every module by its weight share. It is almost always a mistake
+    (adapters of different base models, or of different target modules); ``allow_disjoint`` says it is not."""
+    if len(adapters) < 2:
+        return
+    counts: dict[str, int] = {}
+    for a in adapters:
+        for n in a.modules:
+            counts[n] = counts.get(n, 0) + 1
+    alone = [a for a in adapters if not any(counts[n] > 1 for n in a.modules)]
+    if not alone:
+        return
+    flag = option("--allow-disjoint", "allow_disjoint=True")
+    shrink = (f"; with {method.name}'s normalisation each module would also be scaled by its input's weight share"
+              if method.form == "coefficients" and params.get("normalize") else "")
+    if len(alone) == len(adapters):
+        sizes = ", ".join(f"{a.name}: {len(a.modules)}" for a in adapters)
+        first = [next(iter(sorted(a.modules)), "-").removeprefix("base_model.model.") for a in adapters[:2]]
+        raise IncompatibleInputsError(
+            f"the inputs have no module in common (modules per input: {sizes}; e.g. '{first[0]}' only in "
+            f"{adapters[0].name}, '{first[1]}' only in {adapters[1].name}), so there is nothing to merge: each output "
+            f"module would be one input's module{shrink}. Adapters for different base models or target modules? "
+            f"To put them into one adapter anyway, pass {flag}"
+        )
+    raise IncompatibleInputsError(
+        f"{', '.join(a.name for a in alone)} {'shares' if len(alone) == 1 else 'share'} no module with the other "
+        f"inputs, so {'it' if len(alone) == 1 else 'they'} would not be merged with anything{shrink}. Adapters for "
+        f"another base model or other target modules? To merge anyway, pass {flag}"
     )
 
 
@@ -220,7 +356,7 @@ def _plan_extras(adapters: Sequence[Adapter], policy: str) -> dict[str, tuple[in
         if not same:
             raise IncompatibleInputsError(
                 f"non-LoRA tensor '{key}' (e.g. modules_to_save or trainable tokens) is not identical in every input; "
-                f"full weights cannot be merged as deltas: pass --extra-tensors first (extra_tensors='first') to copy "
+                f"full weights cannot be merged as deltas: pass {_opt_extra_first()} to copy "
                 f"it from the first input that has it"
             )
         out[key] = (holders[0], "identical in every input that has it" if base_copy else "identical in every input")
@@ -229,18 +365,31 @@ def _plan_extras(adapters: Sequence[Adapter], policy: str) -> dict[str, tuple[in
 
 def _merge_module(p: ModulePlan, mp: MergePlan, adapters: Sequence[Adapter], check_finite: bool):
     """Merged factors (B, A) with scale 1 and the relative truncation error of one module."""
+    req = mp.request
+    op = req.operator
     factors = {i: adapters[i].factors(p.name, check_finite=check_finite) for i in p.present}
-    method = mp.method
-    if method.kind in ("linear", "concat"):
-        coeffs = method.coefficients(mp.weights, mp.params)
+    kwargs = {k: v for k, v in op.operator_params(req.params).items() if k != "seed"}
+    if op.stochastic:
+        kwargs["seed"] = module_seed(req.seed, p.name)
+    if op.form == "coefficients":
+        coeffs = op.coefficients(req.weights, req.params)
         bs = [factors[i][0] * coeffs[i] for i in p.present]
         as_ = [factors[i][1] for i in p.present]
-        if method.kind == "concat":
+        if op.concat:
             b, a = concat_factors(bs, as_)
             return b, a, 0.0
-        if mp.rank == "full":
+        if req.rank == "full":
             return (*full_rank_factors(torch.cat(bs, 1) @ torch.cat(as_, 0)), 0.0)
         return truncate_factors(bs, as_, p.out_rank)
+    if op.form == "factors":
+        if op.model_wide is not None and op.model_wide(req.params):
+            kwargs["context"] = _model_contexts(mp, adapters, check_finite)[p.name]
+        b, a = op.fn(_all_factors(p, factors, len(adapters)), list(req.weights), **kwargs)
+        return truncate_factors([b], [a], p.out_rank)
+    if req.space == "core":
+        u_ref, cores, v_ref = core_space(_all_factors(p, factors, len(adapters)))
+        merged = op.fn([c.float() for c in cores], list(req.weights), **kwargs)
+        return truncate_factors([u_ref @ merged.double()], [v_ref], p.out_rank)
     deltas = []
     for i in range(len(adapters)):
         if i in factors:
@@ -248,17 +397,51 @@ def _merge_module(p: ModulePlan, mp: MergePlan, adapters: Sequence[Adapter], che
             deltas.append(b @ a)
         else:
             deltas.append(torch.zeros(p.shape, dtype=torch.float32))
-    kwargs = {k: v for k, v in mp.params.items() if k != "seed"}
-    if method.stochastic:
-        kwargs["seed"] = module_seed(mp.seed, p.name)
-    merged = method.fn(deltas, mp.weights, **kwargs)
+    merged = op.fn(deltas, list(req.weights), **kwargs)
     del deltas
-    if mp.rank == "full":
+    if req.rank == "full":
         return (*full_rank_factors(merged), 0.0)
     return truncate_dense(
-        merged, p.out_rank, method=mp.svd, niter=mp.svd_niter, oversample=mp.svd_oversample,
-        seed=module_seed(mp.seed, "svd:" + p.name),
+        merged, p.out_rank, method=req.svd, niter=req.svd_niter, oversample=req.svd_oversample,
+        seed=module_seed(req.seed, "svd:" + p.name),
     )
+
+
+def _model_contexts(mp: MergePlan, adapters: Sequence[Adapter], check_finite: bool) -> dict[str, Any]:
+    """First pass of a model-wide operator: its statistics of every module, combined into one context per module
+    (computed once per plan)."""
+    if mp.contexts is None:
+        req = mp.request
+        op = req.operator
+        kwargs = {k: v for k, v in op.operator_params(req.params).items() if k != "seed"}
+        stats = []
+        for p in mp.modules:
+            factors = {i: adapters[i].factors(p.name, check_finite=check_finite) for i in p.present}
+            stats.append(op.collect(_all_factors(p, factors, len(adapters)), list(req.weights), **kwargs))
+        mp.contexts = dict(zip((p.name for p in mp.modules), op.combine(stats, **kwargs)))
+    return mp.contexts
+
+
+def _all_factors(p: ModulePlan, factors: Mapping[int, tuple[torch.Tensor, torch.Tensor]], n_inputs: int):
+    """One (B, A) pair per input, rank 0 for the inputs that lack the module."""
+    m, n = p.shape
+    empty = (torch.zeros(m, 0), torch.zeros(0, n))
+    return [factors.get(i, empty) for i in range(n_inputs)]
+
+
+def merge_module(
+    module: ModulePlan, plan: MergePlan, adapters: Sequence[Adapter], *, check_finite: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Merge one planned module exactly as :func:`merge` does: float32 factors (B, A) with scale 1 (``B @ A`` is
+    the merged delta) and the relative truncation error ``||D - B A||_F / ||D||_F``. Non-finite inputs and
+    float32 overflow are reported as one-line InputErrors naming the module and the input."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with np.errstate(all="ignore"):
+            return _merge_module_checked(module, plan, adapters, check_finite)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _output_module(p: ModulePlan, rank: int, dtype: torch.dtype) -> LoraModule:
@@ -271,22 +454,25 @@ def _output_module(p: ModulePlan, rank: int, dtype: torch.dtype) -> LoraModule:
     )
 
 
-def _check_memory(name: str, shape: tuple[int, int], n_inputs: int, method: Method, rank: RankSpec) -> None:
+def _check_memory(name: str, shape: tuple[int, int], n_inputs: int, req: MergeRequest) -> None:
     """Refuse, from the headers alone, a module whose dense float32 deltas can never fit in this machine's memory.
 
-    Element-wise methods hold one dense delta per input plus about three more (result, SVD work, residual); an
-    exact full-rank output holds about three. Linear methods and ``cat`` stay low-rank: their memory is bounded by
-    the factors, which are bounded by the input files. A crafted header (two small factors of a 10^6 x 10^6 module)
-    must fail here, not make the merge allocate terabytes.
+    Dense operators in full space hold one dense delta per input plus about three more (result, SVD work,
+    residual); an exact full-rank output of a coefficients-form operator holds about three. Everything else stays
+    low-rank: its memory is bounded by the factors, which are bounded by the input files. A crafted header (two
+    small factors of a 10^6 x 10^6 module) must fail here, not make the merge allocate terabytes.
     """
     dense = shape[0] * shape[1] * 4
-    copies = n_inputs + 3 if method.kind == "elementwise" else 3 if rank == "full" and method.kind != "concat" else 0
+    full_space = req.operator.form == "dense" and req.space == "full"
+    rank_full = req.operator.form == "coefficients" and not req.operator.concat and req.rank == "full"
+    copies = n_inputs + 3 if full_space else 3 if rank_full else 0
     need, limit = copies * dense, memory_limit_bytes()
     if need > limit:
         raise InputError(
-            f"module '{name}' ({shape[0]}x{shape[1]}) needs about {gib(need)} of memory for method '{method.name}'"
-            f"{' with rank full' if method.kind != 'elementwise' else ''} (dense deltas), more than the {gib(limit)}"
-            f" this process can have; use a linear method (exact, low-rank) or a machine with more memory"
+            f"module '{name}' ({shape[0]}x{shape[1]}) needs about {gib(need)} of memory for method "
+            f"'{req.operator.name}'{'' if full_space else ' with rank full'} (dense deltas), more than the "
+            f"{gib(limit)} this process can have; use a low-rank method (linear, factor-form, space=core) or a "
+            f"machine with more memory"
         )
 
 
@@ -321,10 +507,12 @@ def _merge_module_checked(p: ModulePlan, mp: MergePlan, adapters: Sequence[Adapt
                 f"the adapter is corrupt or hostile"
             ) from None
         if bad_factors:
-            step = "magnitude selection and the SVD back to low rank need" if mp.method.kind == "elementwise" else "the SVD back to low rank needs"
+            step = ("magnitude selection and the SVD back to low rank need" if mp.method.form == "dense"
+                    else "the SVD back to low rank needs")
             raise InputError(
                 f"module '{p.name}': method '{mp.method.name}' cannot merge the NaN/Inf values of {bad_factors[0]} "
-                f"(allowed by --allow-nonfinite): {step} finite values; use --method cat, or a linear method with --rank full"
+                f"(allowed by {option('--allow-nonfinite', 'allow_nonfinite=True')}): {step} finite values; use "
+                f"{_opt_method_cat()}, or a linear method with {_opt_rank_full()}"
             ) from None
         if isinstance(e, torch.linalg.LinAlgError) and biggest > 1e30:  # finite, but the float32 SVD overflows
             raise InputError(
@@ -345,7 +533,7 @@ def _cast_checked(name: str, key: str, t: torch.Tensor, dtype: torch.dtype, chec
         biggest = float(t.abs().max())
         raise OutputError(
             f"module '{name}': merged '{key}' holds values up to {biggest:.3g}, which do not fit "
-            f"{str(dtype).removeprefix('torch.')} (max {torch.finfo(dtype).max:.3g}); use --dtype float32 or bfloat16"
+            f"{str(dtype).removeprefix('torch.')} (max {torch.finfo(dtype).max:.3g}); use " + option("--dtype float32 or bfloat16", "dtype='float32' or 'bfloat16'")
         )
     return out
 
@@ -394,15 +582,25 @@ def _run_modules(
     return out_modules, errors
 
 
+def _recorded_params(req: MergeRequest) -> dict[str, Any]:
+    """The parameters an output records: all but the seed (recorded on its own) and engine options still at their
+    default (an option added later must not change the bytes of outputs made without it)."""
+    op = req.operator
+    return {
+        k: v for k, v in req.params.items()
+        if k != "seed" and (op.param(k).record_default or v != op.param(k).default)
+    }
+
+
 def _provenance(mp: MergePlan, adapters: Sequence[Adapter], errors: Mapping[str, float]) -> dict[str, str]:
-    params = {k: v for k, v in mp.params.items() if k != "seed"}
+    params = _recorded_params(mp.request)
     settings = {
         "method": mp.method.name,
         "weights": mp.weights,
         "params": params,
         "seed": mp.seed,
         "rank": mp.rank,
-        "svd": mp.svd if mp.method.kind == "elementwise" else None,
+        "svd": mp.svd if not mp.request.exact_low_rank else None,
         "svd_niter": mp.svd_niter,
         "svd_oversample": mp.svd_oversample,
         "dtype": str(mp.out_dtype).removeprefix("torch."),
@@ -419,13 +617,37 @@ def _provenance(mp: MergePlan, adapters: Sequence[Adapter], errors: Mapping[str,
     }
 
 
+def loss_warning(mp: MergePlan, errors: Mapping[str, float]) -> str | None:
+    """The warning for truncations that lose more than ``warn_loss`` of a module's delta norm (None if none do)."""
+    req = mp.request
+    over = [e for e in errors.values() if e > req.warn_loss]
+    if not over or req.warn_loss >= 1:
+        return None
+    errs = list(errors.values())
+    ranks = sorted({p.out_rank for p in mp.modules})
+    rank_text = ",".join(map(str, ranks)) if len(ranks) <= 3 else f"{ranks[0]}-{ranks[-1]}"
+    ways = [option("a larger --rank", "a larger rank")]
+    if req.operator.form == "dense" and req.space == "full":
+        ways += [f"{_opt_rank_full()} (exact, dense factors)", option("-p space=core", "space='core'") + " (exact and low-rank)"]
+    elif req.rank is not None:
+        ways += [option("no --rank", "no rank") + " (the default keeps this merge exact)"]
+    ways += [f"{_opt_method_cat()} (exact concatenation)"]
+    return (
+        f"truncating to rank {rank_text} lost more than {req.warn_loss:.0%} of the merged delta in {len(over)} of "
+        f"{len(errs)} modules (relative error max {max(errs):.2f}, mean {sum(errs) / len(errs):.2f}); keep more "
+        f"with {', '.join(ways[:-1])} or {ways[-1]}"
+    )
+
+
 def _summary(mp: MergePlan, adapters: Sequence[Adapter], out_modules: list[LoraModule], errors: Mapping[str, float], seconds: float) -> dict[str, Any]:
     errs = list(errors.values())
+    warning = loss_warning(mp, errors)
     return {
         "method": mp.method.name,
         "kind": mp.method.kind,
+        "form": mp.method.form,
         "weights": mp.weights,
-        "params": {k: v for k, v in mp.params.items() if k != "seed"},
+        "params": _recorded_params(mp.request),
         "seed": mp.seed,
         "rank": mp.rank,
         "output_dtype": str(mp.out_dtype).removeprefix("torch."),
@@ -444,6 +666,7 @@ def _summary(mp: MergePlan, adapters: Sequence[Adapter], out_modules: list[LoraM
         "mean_rel_error": sum(errs) / len(errs) if errs else 0.0,
         "extra_tensors": {k: why for k, (_, why) in mp.extras.items()},
         "notes": mp.notes,
+        "warnings": [warning] if warning else [],
         "seconds": round(seconds, 3),
     }
 
@@ -452,16 +675,36 @@ def _as_adapters(inputs: Sequence[Adapter | str | os.PathLike]) -> list[Adapter]
     return [x if isinstance(x, Adapter) else load_adapter(x) for x in inputs]
 
 
-def _open_and_plan(adapters, method, weights, params, **opts) -> tuple[list[Adapter], MergePlan]:
-    """Validate every option before any file is opened, then open the inputs' headers and plan the merge."""
-    validate_options(method, len(adapters), weights, params, **opts)
+def _open_and_plan(adapters, method, weights, params, options) -> tuple[list[Adapter], MergePlan]:
+    """Validate every option (once) before any file is opened, then open the inputs' headers and plan the merge."""
+    if isinstance(method, MergeRequest):
+        changed = [k for k, v in options.items() if v != _DEFAULTS[k]] + [k for k in params]
+        if weights is not None or changed:
+            raise ParameterError(f"pass a MergeRequest alone, or a method name with options; got both "
+                                 f"({', '.join((['weights'] if weights is not None else []) + changed)})")
+        req = method
+    else:
+        req = MergeRequest.build(method, len(adapters), weights, params, **options)
     ads = _as_adapters(adapters)
-    return ads, plan(ads, method, weights, **opts, **params)
+    return ads, plan(ads, req)
+
+
+_DEFAULTS = {"rank": None, "seed": 0, "svd": "randomized", "svd_niter": 2, "svd_oversample": 8, "dtype": None,
+             "extra_tensors": "identical", "warn_loss": DEFAULT_WARN_LOSS, "allow_disjoint": False}
+
+
+def _warn(summary: dict[str, Any]) -> None:
+    for w in summary["warnings"]:
+        warnings.warn(w, MergeLossWarning, stacklevel=3)
+
+
+class MergeLossWarning(UserWarning):
+    """A truncation back to low rank lost more than ``warn_loss`` of a merged delta."""
 
 
 def merge(
     adapters: Sequence[Adapter | str | os.PathLike],
-    method: str = "linear",
+    method: "str | MergeRequest" = "linear",
     weights: Sequence[float] | None = None,
     *,
     rank: RankSpec = None,
@@ -471,25 +714,34 @@ def merge(
     svd_oversample: int = 8,
     dtype: str | None = None,
     extra_tensors: Literal["identical", "first"] = "identical",
+    warn_loss: float = DEFAULT_WARN_LOSS,
     allow_nonfinite: bool = False,
+    allow_disjoint: bool = False,
     progress: Progress | None = None,
     **params: Any,
 ) -> Adapter:
     """Merge LoRA adapters into one LoRA adapter held in memory (call ``.save(path)`` to write it).
 
-    ``method`` is an operator name (see :func:`adaptermerge.methods`); ``weights`` one float per input (default 1.0
-    each); operator parameters (``density``, ``majority_sign``, ``scale``, ...) are keyword arguments. ``rank`` is the
-    output rank (default: the largest input rank) or ``"full"`` for an exact full-rank output. The result's
-    ``summary`` holds per-module ranks and relative truncation errors; its metadata records the provenance.
-    For outputs too large to hold in memory use :func:`merge_to`.
+    ``method`` is an operator name (see :func:`adaptermerge.methods`) or a :class:`MergeRequest`; ``weights`` one
+    float per input (default 1.0 each); operator parameters (``density``, ``majority_sign``, ``scale``, ``space``,
+    ...) are keyword arguments. ``rank`` is the output rank: by default exact wherever the merged delta is low-rank
+    (rank <= sum of input ranks: linear and factor-form methods, ``space="core"``), else the largest input rank;
+    ``"full"`` for an exact full-rank output. A truncation that loses more than ``warn_loss`` of a module's delta
+    issues a :class:`MergeLossWarning` (also in ``summary["warnings"]``). The result's ``summary`` holds per-module
+    ranks and relative truncation errors; its metadata records the provenance. Inputs that share no module with
+    the other inputs are refused unless ``allow_disjoint=True``. For outputs too large to hold in memory use
+    :func:`merge_to`.
     """
     t0 = time.perf_counter()
-    ads, mp = _open_and_plan(adapters, method, weights, params, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter,
-                             svd_oversample=svd_oversample, dtype=dtype, extra_tensors=extra_tensors)
+    options = dict(rank=rank, seed=seed, svd=svd, svd_niter=svd_niter, svd_oversample=svd_oversample, dtype=dtype,
+                   extra_tensors=extra_tensors, warn_loss=warn_loss, allow_disjoint=allow_disjoint)
+    ads, mp = _open_and_plan(adapters, method, weights, params, options)
     tensors: dict[str, torch.Tensor] = {}
     out_modules, errors = _run(mp, ads, tensors.__setitem__, check_finite=not allow_nonfinite, progress=progress)
     extras = {k: ads[i]._extra_tensor(k) for k, (i, _) in mp.extras.items()}
     tensors.update(extras)
+    summary = _summary(mp, ads, out_modules, errors, time.perf_counter() - t0)
+    _warn(summary)
     return Adapter(
         name=f"merge:{mp.method.name}",
         modules={m.name: m for m in out_modules},
@@ -497,14 +749,14 @@ def merge(
         metadata=_provenance(mp, ads, errors),
         extras=extras,
         tensors=tensors,
-        summary=_summary(mp, ads, out_modules, errors, time.perf_counter() - t0),
+        summary=summary,
     )
 
 
 def merge_to(
     output: str | os.PathLike,
     adapters: Sequence[Adapter | str | os.PathLike],
-    method: str = "linear",
+    method: "str | MergeRequest" = "linear",
     weights: Sequence[float] | None = None,
     *,
     force: bool = False,
@@ -515,15 +767,18 @@ def merge_to(
     svd_oversample: int = 8,
     dtype: str | None = None,
     extra_tensors: Literal["identical", "first"] = "identical",
+    warn_loss: float = DEFAULT_WARN_LOSS,
     allow_nonfinite: bool = False,
+    allow_disjoint: bool = False,
     progress: Progress | None = None,
     **params: Any,
 ) -> dict[str, Any]:
     """Like :func:`merge` but streams each merged module to ``output`` (a PEFT directory, or a file ending in
     ``.safetensors``) so memory stays bounded by one module. The output appears atomically. Returns the summary."""
     t0 = time.perf_counter()
-    ads, mp = _open_and_plan(adapters, method, weights, params, rank=rank, seed=seed, svd=svd, svd_niter=svd_niter,
-                             svd_oversample=svd_oversample, dtype=dtype, extra_tensors=extra_tensors)
+    options = dict(rank=rank, seed=seed, svd=svd, svd_niter=svd_niter, svd_oversample=svd_oversample, dtype=dtype,
+                   extra_tensors=extra_tensors, warn_loss=warn_loss, allow_disjoint=allow_disjoint)
+    ads, mp = _open_and_plan(adapters, method, weights, params, options)
     inputs = [a.path for a in ads if a.path is not None]
     with OutputTarget(Path(output), force=force, inputs=inputs) as out:
         writer = SafetensorsWriter(out.weights_path, display=out.target)
@@ -533,4 +788,6 @@ def merge_to(
                 writer.add(k, ads[i]._extra_tensor(k))
             out.commit_weights(writer, _provenance(mp, ads, errors))
         out.write_config(build_peft_config(out_modules, ads[0].config, scale_folded=True))
-    return _summary(mp, ads, out_modules, errors, time.perf_counter() - t0)
+    summary = _summary(mp, ads, out_modules, errors, time.perf_counter() - t0)
+    _warn(summary)
+    return summary

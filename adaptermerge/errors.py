@@ -16,6 +16,10 @@ code   class                       meaning
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 
 class AdapterMergeError(Exception):
     """Base class of every error adaptermerge raises on purpose."""
@@ -49,3 +53,25 @@ class OutputError(AdapterMergeError):
     """The output cannot be written: it exists without force, its folder is not writable, or the write failed."""
 
     exit_code = 5
+
+
+# ------------------------------------------------------------------------------------------ naming options in messages
+# The same check runs under the command line and under the Python API; its message names the option the way the
+# caller writes it: "--force" on the command line, "force=True" in Python. The CLI switches the wording for the
+# duration of a command (a context variable, so threads and other callers keep the Python wording).
+_CLI_WORDING: ContextVar[bool] = ContextVar("adaptermerge_cli_wording", default=False)
+
+
+def option(cli: str, python: str) -> str:
+    """``cli`` while a command-line command runs, else ``python``: e.g. ``option("--force", "force=True")``."""
+    return cli if _CLI_WORDING.get() else python
+
+
+@contextmanager
+def cli_wording() -> Iterator[None]:
+    """Within this block, messages name options as command-line flags."""
+    token = _CLI_WORDING.set(True)
+    try:
+        yield
+    finally:
+        _CLI_WORDING.reset(token)

@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ParameterError
+from .errors import ParameterError, option
+from .protocol import Paper, Param, operator
 
 __all__ = [
     "BLOCK",
@@ -162,6 +163,48 @@ def per_input(op: str, name: str, value: Any, count: int, check: Callable[[str, 
 def density_to_k(density: float, numel: int) -> int:
     """Number of entries a density keeps: ``floor(density * numel + 0.5)`` clamped to ``[0, numel]``."""
     return min(max(math.floor(density * numel + 0.5), 0), numel)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Declarations: every parameter once (type, default, range, doc); the operators below take them from here
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _density(default: float, what: str) -> Param:
+    return Param(
+        "density", float, default, f"fraction of each input's entries {what}; one value or one per input",
+        low=0.0, high=1.0, low_inclusive=False, per_input=True,
+    )
+
+
+SCALE = Param("scale", float, 1.0, "multiplies the merged result (the lambda of task arithmetic)")
+NORMALIZE_TIES = Param(
+    "normalize", bool, True, "divide each entry by the sum of |weight| of the inputs agreeing with the elected sign"
+)
+MAJORITY = Param(
+    "majority_sign", str, "total",
+    "sign election: 'total' = sign of the sum of weighted values, 'frequency' = sign of the sum of their signs",
+    choices=("total", "frequency"),
+)
+RESCALE = Param("rescale", bool, True, "multiply kept entries by 1/keep-probability (unbiased)")
+SEED = Param("seed", int, 0, "random seed (PCG64 stream per input); equal seeds give byte-identical results", low=0)
+GAMMA = Param("gamma", float, 0.01, "fraction of largest-magnitude entries dropped as outliers",
+              low=0.0, high=1.0, high_inclusive=False)
+EPSILON = Param("epsilon", float, 0.1,
+                "width of the keep-probability ramp: density -+ epsilon/2 for the smallest/largest entries", low=0.0)
+
+TIES_PAPER = Paper("Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023",
+                   "2306.01708", "prateeky2806/ties-merging")
+DARE_PAPER = Paper("Yu et al., Language Models are Super Mario (DARE), ICML 2024", "2311.03099",
+                   "yule-BUAA/MergeLM")
+DELLA_PAPER = Paper("Deep et al., DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based "
+                    "Sampling, 2024", "2406.11617", "declare-lab/della")
+TA_PAPER = Paper("Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023", "2212.04089",
+                 "mlfoundations/task_vectors")
+SOUPS_PAPER = Paper("Wortsman et al., Model soups, ICML 2022", "2203.05482", "mlfoundations/model-soups")
+LORA_SOUPS_PAPER = Paper("Prabhakar et al., LoRA Soups, 2024", "2410.13025")
+BREADCRUMBS_PAPER = Paper("Davari & Belilovsky, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse "
+                          "Masks, ECCV 2024", "2312.06795", "rezazzr/breadcrumbs")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -614,7 +657,8 @@ def linear_coefficients(weights: Sequence[float], normalize: bool) -> list[float
         return [float(w) for w in weights]
     total = math.fsum(weights)
     if total == 0.0:
-        raise ParameterError("linear: the weights sum to 0, so they cannot be normalized (use normalize=false)")
+        raise ParameterError(f"linear: the weights sum to 0, so they cannot be normalized "
+                             f"(pass {option('--no-normalize', 'normalize=False')}, or use task_arithmetic)")
     return [w / total for w in weights]
 
 
@@ -623,8 +667,14 @@ def _weighted_sum(inputs: _Inputs, coefficients: Sequence[float]) -> torch.Tenso
     return _result(inputs, _sum_terms(terms, inputs.numel))
 
 
+@operator(
+    "linear", form="coefficients", papers=(SOUPS_PAPER,),
+    params=(Param("normalize", bool, True, "divide by the sum of the weights (weighted average)"),),
+    summary="weighted average sum_i w_i dW_i / sum_i w_i (exact, computed in low-rank form)",
+    coefficients=lambda w, p: linear_coefficients(w, bool(p["normalize"])),
+)
 def linear(
-    tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None, *, normalize: bool = True
+    tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None, *, normalize: bool
 ) -> torch.Tensor:
     """Weighted average: ``sum_i w_i T_i / sum_i w_i`` (``normalize=False``: just ``sum_i w_i T_i``).
 
@@ -637,8 +687,13 @@ def linear(
     return _weighted_sum(inputs, linear_coefficients(w, check_bool(op, "normalize", normalize)))
 
 
+@operator(
+    "task_arithmetic", form="coefficients", papers=(TA_PAPER,), params=(SCALE,),
+    summary="scale * sum_i w_i dW_i, negative weights allowed (exact, computed in low-rank form)",
+    coefficients=lambda w, p: [float(p["scale"]) * x for x in w],
+)
 def task_arithmetic(
-    tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None, *, scale: float = 1.0
+    tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None, *, scale: float
 ) -> torch.Tensor:
     """Task arithmetic: ``scale * sum_i w_i T_i`` (negative weights allowed; ``scale`` is the papers' lambda).
 
@@ -651,6 +706,11 @@ def task_arithmetic(
     return _weighted_sum(inputs, [lam * x for x in w])
 
 
+@operator(
+    "cat", form="coefficients", papers=(LORA_SOUPS_PAPER,), concat=True,
+    summary="exact concatenation of the weighted LoRA factors, rank = sum of ranks (= sum_i w_i dW_i)",
+    coefficients=lambda w, p: list(w),
+)
 def cat(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
     """Concatenation merge at tensor level: exactly ``sum_i w_i T_i``.
 
@@ -679,14 +739,19 @@ def _topk_selections(op: str, inputs: _Inputs, densities: Sequence[float]) -> li
     ]
 
 
+@operator(
+    "ties", form="dense", papers=(TIES_PAPER,),
+    params=(_density(0.2, "kept by magnitude"), MAJORITY, NORMALIZE_TIES, SCALE),
+    summary="trim each delta to its top-k magnitudes, elect a sign per entry, average the agreeing inputs",
+)
 def ties(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float] | None = None,
     *,
-    density: float | Sequence[float] = 0.2,
-    majority_sign: str = "total",
-    normalize: bool = True,
-    scale: float = 1.0,
+    density: float | Sequence[float],
+    majority_sign: str,
+    normalize: bool,
+    scale: float,
 ) -> torch.Tensor:
     """TIES-Merging (Yadav et al. 2023, arXiv:2306.01708): trim, elect sign, disjoint merge.
 
@@ -710,12 +775,53 @@ def ties(
     return _result(inputs, _ties_terms(terms, [abs(x) for x in w], inputs.numel, sign_rule, norm, lam))
 
 
+def model_topk_selections(magnitudes: Sequence[np.ndarray], density: float, what: str) -> list[_Selection]:
+    """Exact top-k over the concatenation of several flat float32 arrays (``k = density_to_k(density, total)``;
+    ties at the threshold by position in the concatenation), returned as one selection per array. This is the
+    model-wide top-k of KnOTS' TIES: one threshold per input over every module."""
+    flat = np.concatenate([x.reshape(-1) for x in magnitudes]) if magnitudes else np.empty(0, np.float32)
+    sel = _select_topk(flat, density_to_k(density, flat.size), _Workspace(flat.size), what)
+    out, start = [], 0
+    for x in magnitudes:
+        out.append(_Selection(t=sel.t, cut=min(max(sel.cut - start, 0), x.size)))
+        start += x.size
+    return out
+
+
+def ties_selected(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float] | None,
+    selections: Sequence[_Selection],
+    *,
+    majority_sign: str = "total",
+    normalize: bool = True,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """:func:`ties` with the trim step's selections given (one per input, e.g. from
+    :func:`model_topk_selections`) instead of each input's own top-k."""
+    op = "ties"
+    inputs = _prepare(op, tensors)
+    w = check_weights(op, weights, len(inputs.flats))
+    if len(selections) != len(inputs.flats):
+        raise ParameterError(f"{op}: got {len(selections)} selections for {len(inputs.flats)} tensors")
+    sign_rule = check_choice(op, "majority_sign", majority_sign, _MAJORITY_SIGNS)
+    norm = check_bool(op, "normalize", normalize)
+    lam = check_scalar(op, "scale", scale)
+    terms = [_TopKTerm(f, wi, sel) for f, wi, sel in zip(inputs.flats, w, selections)]
+    return _result(inputs, _ties_terms(terms, [abs(x) for x in w], inputs.numel, sign_rule, norm, lam))
+
+
+@operator(
+    "magnitude_prune", form="dense", papers=(TIES_PAPER,),
+    params=(_density(0.2, "kept by magnitude"), SCALE),
+    summary="keep each delta's top-k magnitudes, weighted sum (TIES without sign election)",
+)
 def magnitude_prune(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float] | None = None,
     *,
-    density: float | Sequence[float] = 0.2,
-    scale: float = 1.0,
+    density: float | Sequence[float],
+    scale: float,
 ) -> torch.Tensor:
     """Magnitude pruning then task arithmetic: ``sum_i (scale*w_i) * topk(T_i, k_i)``, no sign election."""
     op = "magnitude_prune"
@@ -729,13 +835,19 @@ def magnitude_prune(
     return _result(inputs, _sum_terms(terms, inputs.numel))
 
 
+@operator(
+    "breadcrumbs", form="dense", papers=(BREADCRUMBS_PAPER,),
+    params=(_density(0.9, "kept after the outliers"), GAMMA, SCALE),
+    summary="drop the largest (gamma) and the smallest magnitudes of each delta, weighted sum",
+    check=lambda p: check_breadcrumbs("breadcrumbs", p["density"], p["gamma"]),
+)
 def breadcrumbs(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float] | None = None,
     *,
-    density: float | Sequence[float] = 0.9,
-    gamma: float = 0.01,
-    scale: float = 1.0,
+    density: float | Sequence[float],
+    gamma: float,
+    scale: float,
 ) -> torch.Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795): drop outliers and small entries.
 
@@ -771,14 +883,19 @@ def _dare_terms(
     ]
 
 
+@operator(
+    "dare_linear", form="dense", papers=(DARE_PAPER,),
+    params=(_density(0.5, "kept at random"), RESCALE, SCALE, SEED),
+    summary="drop entries at random (keep prob. density), rescale by 1/density, weighted sum",
+)
 def dare_linear(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float] | None = None,
     *,
-    density: float | Sequence[float] = 0.5,
-    rescale: bool = True,
-    scale: float = 1.0,
-    seed: int = 0,
+    density: float | Sequence[float],
+    rescale: bool,
+    scale: float,
+    seed: int,
 ) -> torch.Tensor:
     """DARE (Yu et al. 2024, arXiv:2311.03099) then task arithmetic.
 
@@ -799,16 +916,21 @@ def dare_linear(
     return _result(inputs, _sum_terms(terms, inputs.numel))
 
 
+@operator(
+    "dare_ties", form="dense", papers=(DARE_PAPER, TIES_PAPER),
+    params=(_density(0.5, "kept at random"), MAJORITY, RESCALE, NORMALIZE_TIES, SCALE, SEED),
+    summary="DARE random drop and rescale, then TIES sign election and disjoint merge",
+)
 def dare_ties(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float] | None = None,
     *,
-    density: float | Sequence[float] = 0.5,
-    majority_sign: str = "total",
-    rescale: bool = True,
-    normalize: bool = True,
-    scale: float = 1.0,
-    seed: int = 0,
+    density: float | Sequence[float],
+    majority_sign: str,
+    rescale: bool,
+    normalize: bool,
+    scale: float,
+    seed: int,
 ) -> torch.Tensor:
     """DARE drop (as in :func:`dare_linear`), then TIES sign election and disjoint merge (as in :func:`ties`).
 
@@ -894,17 +1016,23 @@ def _della_params(
     return w, dens, eps, check_bool(op, "rescale", rescale), check_scalar(op, "scale", scale), check_seed(op, seed)
 
 
+@operator(
+    "della", form="dense", papers=(DELLA_PAPER,),
+    params=(_density(0.7, "kept on average"), EPSILON, MAJORITY, RESCALE, NORMALIZE_TIES, SCALE, SEED),
+    summary="drop entries with probability falling with magnitude rank (MagPrune), then TIES election and merge",
+    check=lambda p: check_della("della", p["density"], p["epsilon"]),
+)
 def della(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float] | None = None,
     *,
-    density: float | Sequence[float] = 0.7,
-    epsilon: float = 0.1,
-    majority_sign: str = "total",
-    rescale: bool = True,
-    normalize: bool = True,
-    scale: float = 1.0,
-    seed: int = 0,
+    density: float | Sequence[float],
+    epsilon: float,
+    majority_sign: str,
+    rescale: bool,
+    normalize: bool,
+    scale: float,
+    seed: int,
 ) -> torch.Tensor:
     """DELLA-Merging (Deep et al. 2024, arXiv:2406.11617): MagPrune drop, then TIES election and disjoint merge.
 
@@ -924,15 +1052,21 @@ def della(
     return _result(inputs, _ties_terms(terms, [abs(x) for x in w], inputs.numel, sign_rule, norm, lam))
 
 
+@operator(
+    "della_linear", form="dense", papers=(DELLA_PAPER,),
+    params=(_density(0.7, "kept on average"), EPSILON, RESCALE, SCALE, SEED),
+    summary="DELLA's MagPrune drop, then weighted sum (no sign election)",
+    check=lambda p: check_della("della_linear", p["density"], p["epsilon"]),
+)
 def della_linear(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float] | None = None,
     *,
-    density: float | Sequence[float] = 0.7,
-    epsilon: float = 0.1,
-    rescale: bool = True,
-    scale: float = 1.0,
-    seed: int = 0,
+    density: float | Sequence[float],
+    epsilon: float,
+    rescale: bool,
+    scale: float,
+    seed: int,
 ) -> torch.Tensor:
     """DELLA's MagPrune drop (as in :func:`della`), then ``scale * sum_i w_i * dropped_i`` (no sign election)."""
     op = "della_linear"

@@ -1,217 +1,36 @@
-"""The merge methods adaptermerge offers, their parameters, and validation before any tensor is read.
+"""The merge operators adaptermerge offers, validation of a call before any tensor is read, and their listing.
 
-The engine and the CLI use this module only through :data:`METHODS`, :func:`get_method`, :func:`resolve`,
-:meth:`Method.coefficients` and :func:`describe`. The operators themselves live in :mod:`adaptermerge.ops`.
+Every operator declares itself once, next to its function (:func:`adaptermerge.protocol.operator`, in
+:mod:`adaptermerge.ops` and :mod:`adaptermerge.factorops`); this module collects those declarations. The engine
+and the CLIs use it through :data:`METHODS`, :func:`get_method`, :func:`resolve`, :func:`parse_value` and
+:func:`describe`.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from numbers import Integral, Real
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from . import ops
+from . import factorops, ops  # noqa: F401  (importing them registers their operators)
 from .errors import ParameterError
+from .protocol import REGISTRY, Operator, Paper, Param
 
-__all__ = ["Method", "METHODS", "Param", "describe", "get_method", "resolve"]
+__all__ = ["Method", "METHODS", "Operator", "Paper", "Param", "describe", "get_method", "parse_value", "resolve"]
 
 _TYPE_NAMES = {float: "float", int: "int", bool: "bool", str: "str"}
 
+#: The older name of :class:`~adaptermerge.protocol.Operator`.
+Method = Operator
 
-@dataclass(frozen=True)
-class Param:
-    """One parameter of a merge method."""
+#: Every operator by name, in declaration order.
+METHODS: dict[str, Operator] = REGISTRY
 
-    name: str
-    type: type  # float | int | bool | str
-    default: Any
-    help: str
-    low: float | None = None
-    high: float | None = None
-    low_inclusive: bool = True
-    high_inclusive: bool = True
-    choices: tuple[str, ...] | None = None
-    per_input: bool = False  # may be given as one value per input
-
-    def range_text(self) -> str | None:
-        """Interval notation of the allowed range, e.g. ``(0, 1]``; None when unbounded."""
-        if self.low is None and self.high is None:
-            return None
-        left = "(-inf" if self.low is None else ("[" if self.low_inclusive else "(") + _num(self.low)
-        right = "inf)" if self.high is None else _num(self.high) + ("]" if self.high_inclusive else ")")
-        return f"{left}, {right}"
-
-    def in_range(self, value: float) -> bool:
-        if self.low is not None and (value < self.low or (value == self.low and not self.low_inclusive)):
-            return False
-        if self.high is not None and (value > self.high or (value == self.high and not self.high_inclusive)):
-            return False
-        return True
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else repr(float(x))
-
-
-@dataclass(frozen=True)
-class Method:
-    """A merge method: the operator, what kind of combination it is, and its parameters."""
-
-    name: str
-    fn: Callable[..., torch.Tensor]  # the ops.py function
-    kind: Literal["linear", "elementwise", "concat"]
-    params: tuple[Param, ...]
-    summary: str  # one line
-    paper: str  # citation with arXiv id / URL
-    stochastic: bool = False  # takes `seed`
-    check: Callable[[Mapping[str, Any]], None] | None = None  # cross-parameter constraints (resolved params)
-
-    def param(self, name: str) -> Param:
-        for p in self.params:
-            if p.name == name:
-                return p
-        raise KeyError(name)
-
-    def coefficients(self, weights: list[float], params: dict) -> list[float]:
-        """c_i with ``fn(T, weights, **params) == sum_i c_i T_i`` (kinds linear and concat only).
-
-        ``linear``: ``w_i / sum(w)`` if normalize else ``w_i``; ``task_arithmetic``: ``scale * w_i``;
-        ``cat``: ``w_i``. The ops compute exactly these coefficients (float64, rounded to float32 once).
-        """
-        w = [float(x) for x in weights]
-        if self.name == "linear":
-            return ops.linear_coefficients(w, bool(params.get("normalize", self.param("normalize").default)))
-        if self.name == "task_arithmetic":
-            scale = float(params.get("scale", self.param("scale").default))
-            return [scale * x for x in w]
-        if self.name == "cat":
-            return w
-        raise ParameterError(f"method '{self.name}' is {self.kind}: it has no linear coefficients")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Parameter definitions
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _density(default: float, what: str) -> Param:
-    return Param(
-        "density", float, default, f"fraction of each input's entries {what}; one value or one per input",
-        low=0.0, high=1.0, low_inclusive=False, per_input=True,
-    )
-
-
-_SCALE = Param("scale", float, 1.0, "multiplies the merged result (the lambda of task arithmetic)")
-_NORMALIZE_TIES = Param(
-    "normalize", bool, True, "divide each entry by the sum of |weight| of the inputs agreeing with the elected sign"
-)
-_MAJORITY = Param(
-    "majority_sign", str, "total",
-    "sign election: 'total' = sign of the sum of weighted values, 'frequency' = sign of the sum of their signs",
-    choices=("total", "frequency"),
-)
-_RESCALE = Param("rescale", bool, True, "multiply kept entries by 1/keep-probability (unbiased)")
-_SEED = Param("seed", int, 0, "random seed (PCG64 stream per input); equal seeds give byte-identical results",
-              low=0)
-_GAMMA = Param("gamma", float, 0.01, "fraction of largest-magnitude entries dropped as outliers",
-               low=0.0, high=1.0, high_inclusive=False)
-_EPSILON = Param("epsilon", float, 0.1,
-                 "width of the keep-probability ramp: density -+ epsilon/2 for the smallest/largest entries",
-                 low=0.0)
-
-
-def _check_breadcrumbs(p: Mapping[str, Any]) -> None:
-    ops.check_breadcrumbs("breadcrumbs", p["density"], p["gamma"])
-
-
-def _make_della_check(name: str) -> Callable[[Mapping[str, Any]], None]:
-    def check(p: Mapping[str, Any]) -> None:
-        ops.check_della(name, p["density"], p["epsilon"])
-
-    return check
-
-
-_ARXIV = "https://arxiv.org/abs/"
-_TIES_PAPER = (
-    "Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023, " + _ARXIV + "2306.01708"
-)
-_DARE_PAPER = "Yu et al., Language Models are Super Mario (DARE), ICML 2024, " + _ARXIV + "2311.03099"
-_DELLA_PAPER = (
-    "Deep et al., DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling, 2024, "
-    + _ARXIV + "2406.11617"
-)
-_TA_PAPER = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023, " + _ARXIV + "2212.04089"
-
-_ALL: tuple[Method, ...] = (
-    Method(
-        "linear", ops.linear, "linear",
-        (Param("normalize", bool, True, "divide by the sum of the weights (weighted average)"),),
-        "weighted average sum_i w_i dW_i / sum_i w_i (exact, computed in low-rank form)",
-        "Wortsman et al., Model soups, ICML 2022, " + _ARXIV + "2203.05482",
-    ),
-    Method(
-        "task_arithmetic", ops.task_arithmetic, "linear", (_SCALE,),
-        "scale * sum_i w_i dW_i, negative weights allowed (exact, computed in low-rank form)",
-        _TA_PAPER,
-    ),
-    Method(
-        "ties", ops.ties, "elementwise",
-        (_density(0.2, "kept by magnitude"), _MAJORITY, _NORMALIZE_TIES, _SCALE),
-        "trim each delta to its top-k magnitudes, elect a sign per entry, average the agreeing inputs",
-        _TIES_PAPER,
-    ),
-    Method(
-        "dare_linear", ops.dare_linear, "elementwise",
-        (_density(0.5, "kept at random"), _RESCALE, _SCALE, _SEED),
-        "drop entries at random (keep prob. density), rescale by 1/density, weighted sum",
-        _DARE_PAPER, stochastic=True,
-    ),
-    Method(
-        "dare_ties", ops.dare_ties, "elementwise",
-        (_density(0.5, "kept at random"), _MAJORITY, _RESCALE, _NORMALIZE_TIES, _SCALE, _SEED),
-        "DARE random drop and rescale, then TIES sign election and disjoint merge",
-        _DARE_PAPER + "; " + _TIES_PAPER, stochastic=True,
-    ),
-    Method(
-        "magnitude_prune", ops.magnitude_prune, "elementwise",
-        (_density(0.2, "kept by magnitude"), _SCALE),
-        "keep each delta's top-k magnitudes, weighted sum (TIES without sign election)",
-        _TIES_PAPER + " (trim step)",
-    ),
-    Method(
-        "breadcrumbs", ops.breadcrumbs, "elementwise",
-        (_density(0.9, "kept after the outliers"), _GAMMA, _SCALE),
-        "drop the largest (gamma) and the smallest magnitudes of each delta, weighted sum",
-        "Davari & Belilovsky, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, ECCV 2024, "
-        + _ARXIV + "2312.06795",
-        check=_check_breadcrumbs,
-    ),
-    Method(
-        "della", ops.della, "elementwise",
-        (_density(0.7, "kept on average"), _EPSILON, _MAJORITY, _RESCALE, _NORMALIZE_TIES, _SCALE, _SEED),
-        "drop entries with probability falling with magnitude rank (MagPrune), then TIES election and merge",
-        _DELLA_PAPER, stochastic=True, check=_make_della_check("della"),
-    ),
-    Method(
-        "della_linear", ops.della_linear, "elementwise",
-        (_density(0.7, "kept on average"), _EPSILON, _RESCALE, _SCALE, _SEED),
-        "DELLA's MagPrune drop, then weighted sum (no sign election)",
-        _DELLA_PAPER, stochastic=True, check=_make_della_check("della_linear"),
-    ),
-    Method(
-        "cat", ops.cat, "concat", (),
-        "exact concatenation of the weighted LoRA factors, rank = sum of ranks (= sum_i w_i dW_i)",
-        "Prabhakar et al., LoRA Soups, 2024, " + _ARXIV + "2410.13025",
-    ),
-)
-
-#: Every method by name.
-METHODS: dict[str, Method] = {m.name: m for m in _ALL}
+_SEED = ops.SEED
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,23 +154,71 @@ def resolve(
             method.check(resolved)
         except ParameterError as e:
             raise ParameterError(f"method '{method.name}': {str(e).split(': ', 1)[-1]}") from None
-    if method.name == "linear" and resolved["normalize"]:
-        if math.fsum(w) == 0.0:
-            raise ParameterError("method 'linear': the weights sum to 0, so they cannot be normalized "
-                                 "(set normalize=false, or use task_arithmetic)")
+    if method.coefficients_fn is not None:  # e.g. linear's normalisation of weights that sum to 0
+        try:
+            method.coefficients(w, resolved)
+        except ParameterError as e:
+            raise ParameterError(f"method '{method.name}': {str(e).split(': ', 1)[-1]}") from None
     return method, w, resolved
 
 
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def parse_value(name: str, param: str, text: str) -> Any:
+    """The value of parameter ``param`` of method ``name`` from command-line text (``-p NAME=VALUE``).
+
+    Numbers and booleans (true/false, yes/no, on/off, 1/0) are parsed by the parameter's declared type; a
+    per-input parameter takes one value or a comma-separated list of one value per input. The result is then
+    checked by :func:`resolve` like any other value.
+    """
+    method = get_method(name)
+    try:
+        p = method.param(param)
+    except KeyError:
+        if param == "seed":
+            raise ParameterError(f"-p {param}=...: the seed is an option of its own: use --seed") from None
+        names = [q.name for q in method.params]
+        close = difflib.get_close_matches(param, names, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        valid = f"valid: {', '.join(names)}" if names else "it takes no parameters"
+        raise ParameterError(f"method '{method.name}' has no parameter {param!r}{hint} ({valid})") from None
+    parts = [x.strip() for x in text.split(",")] if p.per_input else [text.strip()]
+    values = [_parse_one(method, p, x) for x in parts]
+    return values[0] if len(values) == 1 else values
+
+
+def _parse_one(method: Operator, p: Param, text: str) -> Any:
+    where = f"method '{method.name}': parameter {p.name}"
+    if p.type is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ParameterError(f"{where}={text!r} must be true or false")
+    if p.type is str:
+        return text
+    try:
+        return int(text) if p.type is int else float(text)
+    except ValueError:
+        kind = "an integer" if p.type is int else "a number"
+        raise ParameterError(f"{where}={text!r} must be {kind}") from None
+
+
 def describe() -> list[dict[str, Any]]:
-    """Every method as plain data (for ``adaptermerge methods`` and its ``--json``)."""
+    """Every operator as plain data (for ``adaptermerge methods`` and its ``--json``), from its declaration."""
     out = []
-    for m in _ALL:
+    for m in METHODS.values():
         out.append(
             {
                 "name": m.name,
+                "form": m.form,
                 "kind": m.kind,
                 "summary": m.summary,
                 "paper": m.paper,
+                "papers": [{"citation": p.citation, "arxiv": p.arxiv, "url": p.url, "repo": p.repo} for p in m.papers],
+                "note": m.note,
                 "stochastic": m.stochastic,
                 "params": [
                     {

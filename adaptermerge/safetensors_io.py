@@ -174,6 +174,10 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     return SafetensorsHeader(p, metadata, entries, size)
 
 
+#: Where a cgroup v2 / v1 memory limit is read from.
+CGROUP_MEMORY_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 @functools.lru_cache(maxsize=1)
 def memory_limit_bytes() -> int:
     """The most memory this process could ever get: physical RAM, capped by a cgroup limit and ``RLIMIT_AS``.
@@ -187,12 +191,12 @@ def memory_limit_bytes() -> int:
         limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, ValueError, OSError):
         pass
-    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    for f in CGROUP_MEMORY_FILES:
         try:
             v = Path(f).read_text().strip()
         except OSError:
             continue
-        if v.isdigit():
+        if v.isdigit():  # "max" (cgroup v2) means no limit
             limits.append(int(v))
     try:
         import resource
@@ -284,7 +288,7 @@ def canonical_sha256(header: SafetensorsHeader) -> str:
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """Little-endian raw bytes of a tensor (what safetensors stores)."""
-    t = t.detach().contiguous().cpu()
+    t = t.detach().contiguous().cpu().reshape(-1)  # (0-dim scalars, e.g. kohya's alpha, cannot be viewed as bytes)
     if t.numel() == 0:
         return b""
     return t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes()
@@ -348,6 +352,30 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
         except OSError:  # raced with another cleaner, or not ours to remove after all
             pass
     return removed
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux: /proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-and-restore
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(fd_or_path: int | str | os.PathLike, *, directory: bool = False) -> None:
+    """Give an output made by mkstemp/mkdtemp (0600/0700) the mode any new file gets: 0666 & ~umask for files,
+    0777 & ~umask for folders, as cp, tar or torch.save would give it."""
+    mode = (0o777 if directory else 0o666) & ~current_umask()
+    if isinstance(fd_or_path, int):
+        os.fchmod(fd_or_path, mode)
+    else:
+        os.chmod(fd_or_path, mode)
 
 
 def _copy_file(src: BinaryIO, dst: BinaryIO, nbytes: int) -> None:
@@ -417,6 +445,7 @@ class SafetensorsWriter:
         try:
             fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=".safetensors", dir=self.path.parent)
             self._final_tmp = Path(tmp)
+            apply_umask(fd)  # mkstemp makes 0600; the output is an ordinary file
             with os.fdopen(fd, "wb") as out:
                 out.write(head)
                 out.flush()

@@ -12,7 +12,7 @@ Every scenario is a separate whole process, timed from process start to exit, wi
   ``add_weighted_adapter`` with ``svd`` / ``ties_svd`` / ``dare_ties_svd`` (svd_rank 16) or ``cat``, save.
 
 Then the outputs are checked side by side (relative error against the exact weighted sum for linear / cat, and
-each tool's truncation error against its own dense TIES result), and a table with the issue's targets is printed.
+each tool's truncation error against its own dense TIES result), and a table with the project's targets is printed.
 
 Results are cached per configuration under ``--workdir`` (default /tmp/am-bench/L{layers}-T{threads}/), so reruns
 only do what is missing; ``--rerun`` redoes named scenarios. Examples:
@@ -321,7 +321,7 @@ def check_outputs(work: Path, inputs: list[Path], layers: int, done: set[str]) -
     """Side-by-side correctness on three modules (layer 0 q/k, last layer down_proj)."""
     import torch
 
-    names = [f"base_model.model.model.layers.0.self_attn.q_proj", "base_model.model.model.layers.0.self_attn.k_proj",
+    names = ["base_model.model.model.layers.0.self_attn.q_proj", "base_model.model.model.layers.0.self_attn.k_proj",
              f"base_model.model.model.layers.{layers - 1}.mlp.down_proj"]
     result: dict[str, Any] = {"modules": names, "linear": {}, "ties": {}, "cat": {}, "recorded": {}}
     by_name = {s.name: s for s in OURS + FLOOR + list(PEFT.values())}

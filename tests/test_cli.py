@@ -36,7 +36,7 @@ def test_merge_ties_end_to_end(tmp_path, capsys):
     summary = json.loads(stdout)
     assert summary["method"] == "ties" and summary["weights"] == [0.5, 0.3, 0.2]
     assert summary["params"]["density"] == [0.5, 0.5, 0.5]
-    assert set(listing(out)) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert set(listing(out)) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
     assert not [p for p in listing(tmp_path) if p.startswith(".adaptermerge-tmp")]
     got = read_deltas(out)
     assert len(got) == 5 and all(torch.linalg.matrix_rank(d) <= 4 for d in got.values())
@@ -166,3 +166,42 @@ def test_console_script_subprocess(tmp_path):
     assert bad.returncode == 2
     one_line_error(bad.stderr)
     assert "density" in bad.stderr and not (tmp_path / "p").exists()
+
+
+def test_generic_param_option_and_the_loss_warning(tmp_path, capsys):
+    """-p NAME=VALUE reaches the operator (same bytes as the Python call); a bad name or a value given twice is a
+    one-line error; a truncation losing more than 10% prints the warning with its ways out."""
+    import hashlib
+
+    import adaptermerge as am
+
+    a = write_adapter(tmp_path / "a", seed=1)
+    b = write_adapter(tmp_path / "b", seed=2, r=6)
+    out = tmp_path / "cli"
+    code, _, err = run(capsys, "merge", a, b, "-m", "knots", "-p", "density=0.5,0.4", "-p", "topk=model", "-p",
+                       "normalize=false", "-o", out, "-q")
+    assert code == 0 and "warning" not in err
+    am.merge_to(tmp_path / "api", [a, b], "knots", density=[0.5, 0.4], topk="model", normalize=False)
+    sha = [hashlib.sha256((d / "adapter_model.safetensors").read_bytes()).hexdigest() for d in (out, tmp_path / "api")]
+    assert sha[0] == sha[1]
+    code, _, err = run(capsys, "merge", a, b, "-m", "ties", "-p", "densty=0.5", "-o", tmp_path / "x")
+    assert code == 2 and err.count("\n") == 1 and "did you mean 'density'" in err and not (tmp_path / "x").exists()
+    code, _, err = run(capsys, "merge", a, b, "-m", "ties", "-p", "density=0.5", "--density", "0.3", "-o", tmp_path / "x")
+    assert code == 2 and "given twice" in err
+    code, _, err = run(capsys, "merge", a, b, "-m", "ties", "--density", "0.5", "-o", tmp_path / "t", "-q")
+    assert code == 0 and err.startswith("warning: truncating to rank 6 lost more than 10%")
+    assert "-p space=core" in err and "--rank full" in err and "--method cat" in err
+    code, _, err = run(capsys, "merge", a, b, "-m", "ties", "--density", "0.5", "-p", "space=core", "-o", tmp_path / "c",
+                       "-q", "--json")
+    assert code == 0 and "warning" not in err
+
+
+def test_methods_lists_every_operator_with_its_paper(capsys):
+    code, stdout, _ = run(capsys, "methods", "--json")
+    info = {m["name"]: m for m in json.loads(stdout)}
+    assert code == 0 and {"tsv_m", "iso_c", "iso_cts", "knots", "ties"} <= set(info)
+    assert info["knots"]["papers"][0]["arxiv"] == "2410.19735" and info["knots"]["form"] == "factors"
+    assert info["iso_cts"]["papers"][0]["repo"] == "danielm1405/iso-merging"
+    assert any(p["name"] == "space" and p["choices"] == ["full", "core"] for p in info["ties"]["params"])
+    code, stdout, _ = run(capsys, "methods")
+    assert code == 0 and "2412.00081" in stdout and "tsv_m" in stdout

@@ -216,11 +216,45 @@ def test_no_time_or_host_in_the_bytes(inputs, tmp_path, monkeypatch):
         needles.append(os.uname().nodename.encode())
     for needle in needles:
         assert needle not in blob
-    # a clock that jumps does not change a byte
+    # every wall clock (time.*, datetime.*) jumps to 2100-01-01: not a byte changes
+    import datetime as dt_mod
+
     real = digest(out)
-    monkeypatch.setattr(time_mod, "time", lambda: 4102444800.0)
+    future = 4102444800.0  # 2100-01-01T00:00:00Z
+
+    class FutureDateTime(dt_mod.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return dt_mod.datetime.fromtimestamp(future, tz)
+
+        @classmethod
+        def utcnow(cls):
+            return dt_mod.datetime(2100, 1, 1)
+
+        @classmethod
+        def today(cls):
+            return cls.now()
+
+    class FutureDate(dt_mod.date):
+        @classmethod
+        def today(cls):
+            return dt_mod.date(2100, 1, 1)
+
+    real_localtime, real_gmtime, real_strftime = time_mod.localtime, time_mod.gmtime, time_mod.strftime
+    monkeypatch.setattr(time_mod, "time", lambda: future)
+    monkeypatch.setattr(time_mod, "time_ns", lambda: int(future) * 10**9)
+    monkeypatch.setattr(time_mod, "localtime", lambda t=None: real_localtime(future if t is None else t))
+    monkeypatch.setattr(time_mod, "gmtime", lambda t=None: real_gmtime(future if t is None else t))
+    monkeypatch.setattr(time_mod, "strftime", lambda f, t=None: real_strftime(f, real_gmtime(future) if t is None else t))
+    monkeypatch.setattr(dt_mod, "datetime", FutureDateTime)
+    monkeypatch.setattr(dt_mod, "date", FutureDate)
+    # the patch reaches every clock a writer could use
+    assert time_mod.strftime("%Y").startswith("2100") and dt_mod.datetime.now().year == 2100
+    assert dt_mod.date.today().year == 2100 and time_mod.gmtime().tm_year == 2100
     am.merge_to(tmp_path / "o2", inputs, "ties", WEIGHTS, density=0.3, rank=8, seed=9)
     assert digest(tmp_path / "o2") == real
+    blob2 = (tmp_path / "o2" / "adapter_model.safetensors").read_bytes()
+    assert b"2100" not in blob2 and str(tmp_path / "o2").encode() not in blob2
 
 
 def test_api_paths_agree(inputs, tmp_path):

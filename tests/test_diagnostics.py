@@ -25,6 +25,7 @@ from adaptermerge.diagnostics import (
     wilson_interval,
 )
 from adaptermerge.errors import IncompatibleInputsError, ParameterError
+import dense_ref
 from conftest import PREFIX, read_deltas, write_adapter
 
 PAIRS3 = [(0, 1), (0, 2), (1, 2)]
@@ -279,7 +280,7 @@ def test_preview_linear_methods_exact_in_low_rank(trio, method, params):
     assert res["preview"]["method"] == method and res["preview"]["modules_previewed"] == 4
 
 
-@pytest.mark.parametrize("method,rank", [("linear", 3), ("task_arithmetic", None), ("cat", None)])
+@pytest.mark.parametrize("method,rank", [("linear", 3), ("task_arithmetic", 4), ("cat", None)])
 def test_preview_linear_methods_match_the_truncated_merge(trio, tmp_path, method, rank):
     """With a rank below the sum of ranks the preview is the truncated merge, as merge writes it."""
     d = dense(trio)
@@ -301,14 +302,22 @@ def test_preview_ties_matches_the_merge_it_previews(trio, tmp_path):
     res = analyze(list(trio), seed=3, preview=spec)
     merge(list(trio), "ties", [1.0, 0.5, 1.0], density=0.5, rank=4, seed=3).save(tmp_path / "m")
     merged = read_deltas(tmp_path / "m")
+    # the reference: TIES written from the paper (tests/dense_ref.py), then its optimal rank-4 truncation
+    full = {k: dense_ref.ties([d[i][k] for i in range(3)], [1.0, 0.5, 1.0], density=0.5) for k in d[0]}
     for rec in res["modules"]:
-        want = ref_preview(merged, d, [mod_key(rec)])
+        key_ = mod_key(rec)
+        u, s, vh = torch.linalg.svd(full[key_], full_matrices=False)
+        optimal = {key_: (u[:, :4] * s[:4]) @ vh[:4]}
+        want = ref_preview(merged, d, [key_])  # what merge writes
+        ref = ref_preview(optimal, d, [key_])  # what TIES + the best rank-4 truncation give
         for key in want:
             assert rec["preview"][key] == pytest.approx(want[key], rel=1e-5, abs=1e-7)
+            assert rec["preview"][key] == pytest.approx(ref[key], rel=2e-2, abs=1e-3)  # randomized SVD ~ optimal
+        opt_err = float(s[4:].square().sum().sqrt() / s.square().sum().sqrt())
+        assert opt_err - 1e-6 <= rec["preview"]["rel_error"] <= opt_err * 1.01 + 1e-6
         assert rec["preview"]["rank"] == 4
-    # untruncated: the operator on the dense deltas
+    # untruncated: TIES on the dense deltas
     res = analyze(list(trio), preview={**spec, "rank": "full"})
-    full = {k: ops.ties([d[i][k] for i in range(3)], [1.0, 0.5, 1.0], density=0.5).double() for k in d[0]}
     want = ref_preview(full, d, sorted(d[0]))
     for key in want:
         assert res["overall"]["preview"][key] == pytest.approx(want[key], rel=1e-5)
@@ -466,8 +475,11 @@ def test_cli_module_imports_only_typer_rich_and_stdlib():
             top |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             top.add("." + (node.module or "") if node.level else node.module.split(".")[0])
-    allowed = {"__future__", "importlib", "json", "math", "os", "sys", "tempfile", "pathlib", "typing", "typer", "rich", ".errors"}
+    allowed = {"__future__", "importlib", "json", "math", "os", "re", "sys", "tempfile", "pathlib", "typing", "typer", "rich",
+               ".errors", ".cliparse"}
     assert top <= allowed, top - allowed
+    parse_tree = ast.parse((Path(mod.__file__).parent / "cliparse.py").read_text())  # stdlib-only at import time
+    assert {n.module for n in parse_tree.body if isinstance(n, ast.ImportFrom)} <= {"__future__", "errors", "typing"}
     probe = "import sys, adaptermerge.cli, adaptermerge.diagnostics; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

@@ -94,11 +94,35 @@ def test_commit_without_copy_file_range_writes_the_same_bytes(tmp_path, monkeypa
     assert sorted(os.listdir(tmp_path)) == ["fast.safetensors", "slow.safetensors"]  # no temporaries left
 
 
-def test_memory_limit_is_read_once_and_can_be_reread():
-    first = safetensors_io.memory_limit_bytes()
-    assert first > 0 and safetensors_io.memory_limit_bytes() is first
+def test_memory_limit_is_read_once_and_can_be_reread(tmp_path, monkeypatch):
+    """The limit is min(physical RAM, cgroup v2/v1 limit, RLIMIT_AS), read once and re-read after cache_clear."""
+    import os
+    import resource
+
+    phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    monkeypatch.setattr(safetensors_io, "CGROUP_MEMORY_FILES", (str(v2), str(v1)))
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     safetensors_io.memory_limit_bytes.cache_clear()
-    assert safetensors_io.memory_limit_bytes() == first
+    try:
+        assert safetensors_io.memory_limit_bytes() == phys  # no cgroup file, no rlimit
+        v2.write_text("max\n")  # cgroup v2 without a limit
+        v1.write_text("9223372036854771712\n")  # cgroup v1's "unlimited"
+        assert safetensors_io.memory_limit_bytes() == phys  # cached: not re-read
+        safetensors_io.memory_limit_bytes.cache_clear()
+        assert safetensors_io.memory_limit_bytes() == phys
+        v2.write_text("1073741824\n")
+        safetensors_io.memory_limit_bytes.cache_clear()
+        first = safetensors_io.memory_limit_bytes()
+        assert first == 1 << 30 and safetensors_io.memory_limit_bytes() is first
+        monkeypatch.setattr(resource, "getrlimit", lambda what: (123_456_789, resource.RLIM_INFINITY))
+        assert safetensors_io.memory_limit_bytes() == 1 << 30  # still the cached value
+        safetensors_io.memory_limit_bytes.cache_clear()
+        assert safetensors_io.memory_limit_bytes() == 123_456_789  # RLIMIT_AS below the cgroup limit
+    finally:
+        monkeypatch.undo()
+        safetensors_io.memory_limit_bytes.cache_clear()
+    assert safetensors_io.memory_limit_bytes() > 0
 
 
 _MMAP_DRIVER = """

@@ -321,7 +321,7 @@ def build_case(name: str, tmp: Path) -> Case:  # noqa: C901 - a flat table of ca
     if name in ("nan_in_A", "inf_in_B", "neg_inf_in_A"):
         value, key = {"nan_in_A": (math.nan, KA), "inf_in_B": (math.inf, KB), "neg_inf_in_A": (-math.inf, KA)}[name]
         c = _corrupt(tmp, _nan_or_inf(value, key), "")
-        c.pattern = f"{_re(c.inputs[1])}: tensor '{re.escape(key)}' contains NaN or Inf .*--allow-nonfinite"
+        c.pattern = f"{_re(c.inputs[1])}: tensor '{re.escape(key)}' contains NaN or Inf \\(pass (--allow-nonfinite|allow_nonfinite=True) to merge anyway\\)"
         return c
     if name == "same_module_other_shape":
         other = write_adapter(tmp / "other", {Q: (16, 6)}, r=2, alpha=4)
@@ -420,7 +420,8 @@ PARAM_CASES = {
     "seed_text": (["--seed", "abc"], {"seed": "abc"}, r"(--seed|seed must be a non-negative integer, got 'abc')"),
     "svd_unknown": (["--method", "ties", "--svd", "fast"], {"method": "ties", "svd": "fast"}, r"svd must be 'randomized' or 'exact', got 'fast'"),
     "dtype_unknown": (["--dtype", "int8"], {"dtype": "int8"}, r"dtype must be one of float32, bfloat16, float16, got 'int8'"),
-    "majority_sign_unknown": (["--method", "ties", "--majority-sign", "totl"], {"method": "ties", "majority_sign": "totl"}, r"majority_sign='totl' must be one of total, frequency; did you mean 'total'\?"),
+    "majority_sign_unknown": (["--method", "ties", "--majority-sign", "totl"], {"method": "ties", "majority_sign": "totl"},
+        r"majority_sign='totl' must be one of total, frequency; did you mean 'total'\?"),
     "param_of_other_method": (["--method", "linear", "--density", "0.5"], {"method": "linear", "density": 0.5}, r"method 'linear' has no parameter 'density'"),
     "cat_with_rank": (["--method", "cat", "--rank", "4"], {"method": "cat", "rank": 4}, r"method 'cat' is an exact concatenation"),
 }
@@ -493,11 +494,11 @@ def test_output_problems(tmp_path, capsys, case, interface):
         out = work / "out"
         out.mkdir()
         (out / "keep.txt").write_text("mine")
-        pattern = r"out already exists; pass --force"
+        pattern = r"out already exists; pass " + ("--force" if interface == "cli" else "force=True") + " to replace it"
     elif case == "exists_file":
         out = work / "out.safetensors"
         out.write_bytes(b"mine")
-        pattern = r"out\.safetensors already exists; pass --force"
+        pattern = r"out\.safetensors already exists; pass " + ("--force" if interface == "cli" else "force=True") + " to replace it"
     elif case == "parent_is_a_file":
         (work / "plain").write_text("a regular file")
         out = work / "plain" / "out"

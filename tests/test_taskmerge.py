@@ -176,10 +176,11 @@ def run(tiny, tmp_path_factory):
 def test_end_to_end_produces_every_row(run):
     cfg, data = run
     rows = {r["row"]: r for r in data["rows"]}
-    methods = [m["name"] for m in am.methods()]  # discovered at run time: new operators must show up here
+    described = {m["name"]: m for m in am.methods()}  # discovered at run time: new operators must show up here
+    methods = list(described)
     expected = {"base", "multitask", *(f"single:{t}" for t in TASKS), *(f"tuned:{m}" for m in methods)}
     for m in methods:
-        fixed = am.METHODS[m].kind == "concat"
+        fixed = described[m].get("kind") == "concat"
         expected |= {f"merge:{m}@sum"} | (set() if fixed else {f"merge:{m}@max"})
     assert set(rows) == expected
     ranks = {"reverse": 2, "add": 4, "genre": 3}
@@ -271,3 +272,30 @@ def test_prefix_cached_training_matches_full_forward_training(tiny, tmp_path):
     assert log["prefix_cached_below_layer"] == 1 and "prefix_cached_below_layer" not in json.loads(
         (tmp_path / "False" / "train_log.json").read_text())
     assert json.loads((tmp_path / "True" / "adapter_config.json").read_text())["use_rslora"] is True
+
+
+def test_bootstrap_row_point_values_by_hand():
+    from taskmerge.report import bootstrap_row
+
+    correct = {"a": [1, 0, 0, 0], "b": [1, 1, 0, 0], "c": [0, 0, 0, 0]}
+    individual = {"a": [1, 1, 0, 0], "b": [1, 1, 1, 1], "c": [0, 0, 0, 1]}  # c's own adapter: 0.25 < 0.3
+    r = bootstrap_row(correct, individual, ["a", "b", "c"], n_boot=200, seed=0, min_individual=0.3)
+    assert r["accuracy"] == {"a": 0.25, "b": 0.5, "c": 0.0}
+    assert r["mean_accuracy"] == pytest.approx(0.25)
+    assert r["normalized"] == {"a": 0.5, "b": 0.5, "c": None}
+    assert r["normalized_accuracy"] == pytest.approx(0.5)
+    lo, hi = r["mean_accuracy_ci"]
+    assert 0 <= lo <= 0.25 <= hi <= 0.5
+
+
+def test_cli_bad_config_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[merge]\nrank = ["max"]\n')
+    cli = [sys.executable, "-m", "adaptermerge", "taskmerge", "prepare"]
+    for path, expect in ((tmp_path / "missing.toml", "missing.toml"), (bad, "merge: unknown keys ['rank']")):
+        out = subprocess.run([*cli, str(path)], capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and expect in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1

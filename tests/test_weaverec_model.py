@@ -220,10 +220,25 @@ def test_generate_topk_batching_consistent(tiny, tok):
     assert all(isinstance(t, str) for titles in one for t in titles) and all(len(x) <= 5 for x in one)
 
 
-def test_latency_helper_records_threads(tiny, tok):
+def test_latency_helper_records_threads(tiny, tok, monkeypatch):
+    """The thread count in effect is recorded (two different settings), and the statistics come from the timed
+    calls only (a scripted clock: warmup untimed, then 5 ms and 7 ms)."""
+    import weaverec.scoring as scoring
+
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            stats = measure_scoring_latency(fresh_base(tiny), tok, SAMPLES[:3], prompt=PROMPT, warmup=1)
+            assert stats.n_users == 2 and stats.threads == threads and stats.device == "cpu"
+            assert 0 < stats.median_ms <= stats.p95_ms
+    finally:
+        torch.set_num_threads(old)
+    clock = iter([0.0, 1.0, 1.005, 2.0, 2.007])  # t0 of the warmup call; (start, end) of each timed call
+    monkeypatch.setattr(scoring.time, "perf_counter", lambda: next(clock))
     stats = measure_scoring_latency(fresh_base(tiny), tok, SAMPLES[:3], prompt=PROMPT, warmup=1)
-    assert stats.n_users == 2 and stats.threads == torch.get_num_threads() and stats.device == "cpu"
-    assert 0 < stats.median_ms <= stats.p95_ms
+    assert stats.mean_ms == pytest.approx(6.0) and stats.median_ms == pytest.approx(6.0)
+    assert stats.p95_ms == pytest.approx(7.0)
     with pytest.raises(ParameterError):
         measure_scoring_latency(fresh_base(tiny), tok, SAMPLES[:1], prompt=PROMPT, warmup=1)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -88,6 +89,14 @@ def test_report_has_every_row(finished_run):
     md = (rdir / "report.md").read_text()
     assert "| WeaveRec |" in md and "Cold start" in md and "Inference cost" in md and "popularity-matched" in md
     assert "Corrupted source(s) music" in md and "Score reduction" in md and "Merge weights" in md
+    assert "## Reading" in md and "![NDCG@10 by model](report.png)" in md
+    assert "load average" in md  # times in the report say under what load they were measured
+    # losses in the log have 4 significant digits, not a float's 17
+    train_lines = [line for line in finished_run[2] if line.startswith("train: ")]
+    assert train_lines
+    for line in train_lines:
+        loss = re.search(r"final loss ([0-9.]+),", line).group(1)
+        assert len(loss.replace(".", "").lstrip("0")) == 4, line
     # folding the merged delta into the base weights keeps the base model's size
     cost = data["inference_cost"]
     assert cost["WeaveRec"]["parameters"] == cost["Target-only LoRA"]["parameters"] == cost["Base model (zero-shot)"]["parameters"]
@@ -101,6 +110,8 @@ def test_metrics_match_scores(finished_run):
     cfg, _, _ = finished_run
     res = json.loads((cfg.run_dir / "eval" / "weaverec.json").read_text())
     test = [json.loads(line) for line in open(cfg.run_dir / "data" / "target_test.jsonl")]
+    assert len(res["scores"]) == len(test) == len(res["per_user"]["MRR"]) > 0
+    compared = 0
     for u, (scores, s) in enumerate(zip(res["scores"], test)):
         scores = np.array(scores)
         t = s["target_index"]
@@ -108,6 +119,8 @@ def test_metrics_match_scores(finished_run):
         if (scores == scores[t]).sum() == 1:  # no ties at 4 decimals: the metric is the plain one
             assert res["per_user"]["MRR"][u] == pytest.approx(1.0 / (greater + 1), abs=1e-3)
             assert res["per_user"]["HR@1"][u] == float(greater == 0)
+            compared += 1
+    assert compared >= max(1, len(test) // 2), (compared, len(test))  # LLM scores rarely tie
 
 
 def test_weaverec_adapter_is_core_merge_of_modules(finished_run):
@@ -201,9 +214,23 @@ def test_simplex_grid_and_bad_configs():
 
 
 def test_shipped_configs_validate():
+    """Every shipped config loads, and every merge it asks for is a valid call of the core library's registry
+    (method, parameters and weights for its 1 + len(sources) inputs), checked before any run."""
+    import adaptermerge as am
+
     for name in ("quick", "full", "paper", "harmful"):
         cfg = load_config(f"recipes/{name}.toml")
-        assert cfg.merges and cfg.data.sources
+        assert cfg.name == name and cfg.data.sources and cfg.data.target not in cfg.data.sources
+        names = [m.name for m in cfg.merges]
+        assert len(names) == len(set(names)) and "WeaveRec" in names
+        for spec in cfg.merges:
+            n_inputs = 1 + len(cfg.data.sources)  # the target module and one module per source domain
+            rank = None if spec.rank == "exact" else spec.rank
+            weights = None if spec.tuned else spec.weights  # tuned: chosen on validation, checked here as uniform
+            req = am.MergeRequest.build(spec.method, n_inputs, weights, spec.params, rank=rank, seed=cfg.seed)
+            assert req.operator.name == spec.method
+        with pytest.raises(am.ParameterError):  # and the check is real: a wrong parameter is refused
+            am.MergeRequest.build("ties", 2, None, {"densty": 0.5})
 
 
 def test_shared_lower_layers_and_prefix_cache_give_the_same_run(tmp_path):
@@ -277,3 +304,94 @@ def test_generate_protocol_rows_under_both_candidate_sets(tmp_path):
         pu = r["protocols"][p]["per_user"]
         assert set(pu) >= {"NDCG@1", "NDCG@5", "MRR@5"} and all(len(v) == 3 for v in pu.values())
         assert len(r["generations"][p]["titles"]) == 3
+
+
+def _summary(mean, half):
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": 25, "confidence": 0.95}
+
+
+def test_report_reading_legend_and_no_empty_buckets():
+    """The generated reading calls a difference significant only when p < 0.05 and its interval excludes 0; the
+    chart is linked with its colour legend; a cold-start bucket without users gets no column."""
+    from weaverec.report import _markdown
+
+    diff = lambda mean, lo, hi, p: {"NDCG@10": {"mean": mean, "low": lo, "high": hi, "p_value": p, "n": 25, "confidence": 0.95}}  # noqa: E731
+    report = {
+        "config": "quick", "target": "thriller", "sources": ["comedy"], "protocol": "likelihood", "n_test_users": 25,
+        "data": {"target_train": 64}, "kinds": {"Target-only LoRA": "llm", "WeaveRec": "llm", "SASRec (non-LLM)": "sasrec"},
+        "rows": {"Target-only LoRA": {"NDCG@10": _summary(0.30, 0.08)}, "WeaveRec": {"NDCG@10": _summary(0.33, 0.08)},
+                 "SASRec (non-LLM)": {"NDCG@10": _summary(0.70, 0.06)}},
+        "paired_differences": {"WeaveRec - Target-only LoRA": diff(0.03, -0.02, 0.08, 0.31),
+                               "WeaveRec - Naive model merging": diff(0.06, 0.01, 0.11, 0.01)},
+        "cold_start": {"metric": "NDCG@10", "buckets": ["<=3", "4-10", ">10"], "users_per_bucket": {"<=3": 0, "4-10": 11, ">10": 14},
+                       "rows": {"WeaveRec": {"<=3": None, "4-10": _summary(0.3, 0.1), ">10": _summary(0.35, 0.1)}}},
+        "inference_cost": {}, "module_cosine": None, "training": {}, "compute_seconds": 1.0,
+    }
+    md = _markdown(report, ["NDCG@10"], "NDCG@10", chart=True, results_doc="../../../docs/weaverec-results.md")
+    reading = md.split("## Reading")[1].split("##")[0]
+    assert "±0.073" in reading  # mean half-width of the three rows' intervals: (0.08 + 0.08 + 0.06) / 3
+    assert "WeaveRec - Target-only LoRA: +0.030 NDCG@10 [-0.020, +0.080], p = 0.31: not significant" in reading
+    assert "WeaveRec - Naive model merging: +0.060 NDCG@10 [+0.010, +0.110], p = 0.01: significant" in reading
+    assert "cannot rank the methods" in reading and "(../../../docs/weaverec-results.md)" in reading
+    assert "SASRec (non-LLM), 0.700) is above every LLM row" in reading
+    assert "![NDCG@10 by model](report.png)" in md and "red: WeaveRec" in md and "grey: no LoRA trained" in md
+    cold = md.split("## Cold start")[1]
+    header = cold.splitlines()[2]
+    assert header == "| model | 4-10 items (11 users) | >10 items (14 users) |"
+    assert "(0 users)" not in md and "left out: <=3 items" in cold
+
+
+def test_one_time_conversion_announces_itself(tmp_path, monkeypatch):
+    """The first use says what is converted, where it goes, its size and how to remove it; a reuse says nothing."""
+    from recipe_common import llm
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"not really a gguf")
+
+    def fake_convert(src, out):
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"\0" * 3_000_000)
+        (out / "conversion.json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(llm, "smollm2_gguf_path", lambda: gguf)
+    monkeypatch.setattr(llm, "convert_gguf", fake_convert)
+    lines: list[str] = []
+    out = llm.resolve_base_model("smollm2-135m", tmp_path / "cache", log=lines.append)
+    assert out.parent == tmp_path / "cache" and (out / "model.safetensors").exists()
+    assert len(lines) == 2
+    assert "one-time conversion" in lines[0] and str(out) in lines[0] and "0.5 GB" in lines[0]
+    assert "3 MB" in lines[1] and f"rm -r {out}" in lines[1]
+    lines.clear()
+    assert llm.resolve_base_model("smollm2-135m", tmp_path / "cache", log=lines.append) == out
+    assert lines == []
+
+
+def test_report_reading_covers_every_candidate_protocol():
+    """With two candidate protocols the reading names the protocol of each paired difference and of each anchor
+    statement, counts every comparison, and the chart caption says which protocol the chart shows."""
+    from weaverec.report import _markdown
+
+    diff = lambda mean, lo, hi, p: {"NDCG@10": {"mean": mean, "low": lo, "high": hi, "p_value": p, "n": 25, "confidence": 0.95}}  # noqa: E731
+    uniform = {"rows": {"WeaveRec": {"NDCG@10": _summary(0.33, 0.08)}, "Popularity (non-LLM)": {"NDCG@10": _summary(0.60, 0.05)}},
+               "paired_differences": {"WeaveRec - Target-only LoRA": diff(0.03, -0.02, 0.08, 0.31)}}
+    hard = {"rows": {"WeaveRec": {"NDCG@10": _summary(0.30, 0.08)}, "Popularity (non-LLM)": {"NDCG@10": _summary(0.20, 0.05)}},
+            "paired_differences": {"WeaveRec - Target-only LoRA": diff(0.05, 0.01, 0.09, 0.02)}}
+    report = {
+        "config": "quick", "target": "thriller", "sources": ["comedy"], "protocol": "likelihood", "n_test_users": 25,
+        "data": {"target_train": 64}, "kinds": {"WeaveRec": "llm", "Popularity (non-LLM)": "popularity"},
+        "rows": uniform["rows"], "paired_differences": uniform["paired_differences"],
+        "by_protocol": {"uniform": uniform, "hard": hard},
+        "cold_start": {"metric": "NDCG@10", "buckets": [">10"], "users_per_bucket": {">10": 25}, "rows": {}},
+        "inference_cost": {}, "module_cosine": None, "training": {}, "compute_seconds": 1.0,
+    }
+    md = _markdown(report, ["NDCG@10"], "NDCG@10", chart=True)
+    reading = md.split("## Reading")[1].split("##")[0]
+    assert "WeaveRec - Target-only LoRA (uniform negatives): +0.030 NDCG@10 [-0.020, +0.080], p = 0.31: not significant" in reading
+    assert "WeaveRec - Target-only LoRA (hard negatives): +0.050 NDCG@10 [+0.010, +0.090], p = 0.02: significant" in reading
+    assert "(2 are made, uncorrected)" in reading
+    assert "best non-LLM baseline under uniform negatives (Popularity (non-LLM), 0.600)" in reading
+    assert "under hard negatives" not in reading  # there the LLM row is above popularity
+    assert "(report.png), uniform negatives" in md
+    assert md.count("## All metrics, candidates:") == 2 and "popularity-matched negatives" in md

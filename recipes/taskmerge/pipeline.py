@@ -17,7 +17,8 @@ k never change.
 
 Rows: ``base``; ``single:<task>`` (each adapter on every task: the transfer matrix); ``multitask``;
 ``merge:<method>:<rank>`` for every registered operator at its defaults and each rank in ``merge.ranks`` ("max":
-the largest input rank, the core's default; "sum": the sum of the input ranks, exact for linear operators);
+the largest input rank; "sum": the sum of the input ranks, exact for the linear operators; operators that fix their
+own rank, like ``cat``, get one row);
 ``tuned:<method>`` (weights and density chosen on the validation split from a small grid, at rank "max");
 ``pair:<a>+<b>`` (pairwise merges for the interference study, scored on tasks a and b only).
 """
@@ -30,36 +31,32 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import adaptermerge as am
-from adaptermerge.errors import InputError, ParameterError
+from adaptermerge.errors import InputError
 
 from .config import RunConfig
+from .layout import (
+    MergeJob,
+    _fixed_rank,
+    _method_info,
+    _read_json,
+    _write_json,
+    adapter_dir,
+    adapter_names,
+    eval_path,
+    merge_dir,
+    merge_jobs,
+    registered_methods,
+)
 from .tasks import SYSTEM, Splits, make_splits
 
 Log = Callable[[str], None]
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary sibling, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------------------- prepare
@@ -112,14 +109,6 @@ def _fingerprint(examples: Sequence) -> str:
     return h.hexdigest()
 
 
-def adapter_names(cfg: RunConfig) -> list[str]:
-    return [*cfg.tasks, "multitask"]
-
-
-def adapter_dir(cfg: RunConfig, name: str) -> Path:
-    return cfg.run_dir / "adapters" / name
-
-
 def train(cfg: RunConfig, splits: dict[str, Splits], *, only: Sequence[str] | None = None, log: Log = print,
           progress: bool = True) -> dict[str, Any]:
     """Train one LoRA per task and the multi-task LoRA (skips finished ones)."""
@@ -149,86 +138,6 @@ def train(cfg: RunConfig, splits: dict[str, Splits], *, only: Sequence[str] | No
 
 
 # ------------------------------------------------------------------------------------------------------------ merge
-@dataclass(frozen=True)
-class MergeJob:
-    """One merge: which adapters, which operator, its weights/parameters and output rank rule."""
-
-    key: str
-    inputs: tuple[str, ...]
-    method: str
-    rank: str  # "max" or "sum"
-    weights: tuple[float, ...] | None = None
-    params: tuple[tuple[str, Any], ...] = ()
-
-    def describe(self) -> dict:
-        return {"inputs": list(self.inputs), "method": self.method, "rank": self.rank,
-                "weights": list(self.weights) if self.weights else None, "params": dict(self.params)}
-
-
-def registered_methods(cfg: RunConfig) -> list[dict]:
-    """The operators to evaluate: every registered one (``adaptermerge.methods()``) unless the config lists some."""
-    described = am.methods()
-    names = [m["name"] for m in described]
-    wanted = cfg.merge.methods or names
-    missing = [m for m in wanted if m not in names]
-    if missing:
-        raise ParameterError(f"merge.methods names unregistered operators {missing}; registered: {names}")
-    return [m for m in described if m["name"] in wanted and m["name"] not in cfg.merge.exclude]
-
-
-def _fmt(x: float) -> str:
-    return f"{x:g}"
-
-
-def grid_points(method: dict, cfg: RunConfig) -> list[tuple[tuple[float, ...], tuple[tuple[str, Any], ...]]]:
-    """The validation grid of one operator: its defaults, then uniform weights x density (when it has a density).
-
-    An operator whose ``normalize`` flag defaults to true divides the weights away; its grid sets it false, so
-    the weight scales the sum (the grid then covers what the weight can do).
-    """
-    params = {p["name"]: p for p in method["params"]}
-    fixed: list[tuple[str, Any]] = []
-    if "normalize" in params and params["normalize"]["default"] is True:
-        fixed.append(("normalize", False))
-    densities = cfg.merge.grid_density if "density" in params else [None]
-    n = len(cfg.tasks)
-    out: list = [(None, ())]  # the defaults are a grid point too
-    for w in cfg.merge.grid_weights:
-        for d in densities:
-            extra = fixed + ([("density", float(d))] if d is not None else [])
-            out.append((tuple([float(w)] * n), tuple(extra)))
-    return out
-
-
-def _fixed_rank(method: str) -> bool:
-    """Operators that take no ``rank`` (their output rank is the sum of the input ranks)."""
-    return getattr(am.METHODS.get(method), "kind", None) == "concat"
-
-
-def merge_jobs(cfg: RunConfig) -> dict[str, list[MergeJob]]:
-    """Every merge of the run, by purpose: defaults, grid (validation), pairs."""
-    tasks = tuple(cfg.tasks)
-    defaults, grid = [], []
-    for m in registered_methods(cfg):
-        # an exact concatenation fixes its own rank (the sum of the input ranks): one row
-        ranks = ["sum"] if _fixed_rank(m["name"]) else cfg.merge.ranks
-        for rank in ranks:
-            defaults.append(MergeJob(f"{m['name']}@{rank}", tasks, m["name"], rank))
-        for weights, params in grid_points(m, cfg):
-            if weights is None:
-                grid.append(MergeJob(f"grid-{m['name']}-defaults", tasks, m["name"], "max"))
-                continue
-            tag = f"w{_fmt(weights[0])}" + "".join(f"-{k[0]}{_fmt(v) if not isinstance(v, bool) else int(v)}"
-                                                   for k, v in params)
-            grid.append(MergeJob(f"grid-{m['name']}-{tag}", tasks, m["name"], "max", weights, params))
-    pairs = [MergeJob(f"pair-{a}+{b}", (a, b), cfg.merge.pair_method, "sum") for a, b in combinations(tasks, 2)]
-    return {"defaults": defaults, "grid": grid, "pairs": pairs}
-
-
-def merge_dir(cfg: RunConfig, key: str) -> Path:
-    return cfg.run_dir / "merges" / key
-
-
 def _input_rank(adapter: am.Adapter) -> int:
     return max(m.rank for m in adapter.modules.values())
 
@@ -243,9 +152,14 @@ def run_merge(cfg: RunConfig, job: MergeJob, adapters: dict[str, am.Adapter]) ->
             raise InputError(f"{out} holds another merge ({info.get('job')}); remove it or use another run_dir")
         return info
     ads = [adapters[n] for n in job.inputs]
-    rank = sum(_input_rank(a) for a in ads) if job.rank == "sum" and not _fixed_rank(job.method) else None
+    if _fixed_rank(job.method):
+        rank = None  # the operator fixes its own rank
+    elif job.rank == "sum":
+        rank = sum(_input_rank(a) for a in ads)
+    else:
+        rank = max(_input_rank(a) for a in ads)
     params = dict(job.params)
-    if am.METHODS[job.method].stochastic:
+    if _method_info(job.method).get("stochastic"):
         params["seed"] = cfg.merge.seed
     t0 = time.perf_counter()
     merged = am.merge(ads, method=job.method, weights=list(job.weights) if job.weights else None, rank=rank, **params)
@@ -358,11 +272,6 @@ class Evaluator:
             return {t: self.scorer(t, split)(self.model).astype(int).tolist() for t in tasks}
 
 
-def eval_path(cfg: RunConfig, row: str) -> Path:
-    safe = row.replace(":", "__").replace("/", "_")
-    return cfg.run_dir / "eval" / f"{safe}.json"
-
-
 def evaluate_row(ev: Evaluator, row: str, adapter_path: Path | None, tasks: Sequence[str], split: str) -> dict:
     """Per-example correctness of one model on ``tasks`` (cached in eval/<row>.json)."""
     path = eval_path(ev.cfg, row)
@@ -374,8 +283,10 @@ def evaluate_row(ev: Evaluator, row: str, adapter_path: Path | None, tasks: Sequ
     t0 = time.perf_counter()
     correct = ev.score(adapter, tasks, split)
     seconds = time.perf_counter() - t0
+    import torch
+
     result = {"row": row, "split": split, "adapter": str(adapter_path) if adapter_path else None,
-              "correct": correct, "seconds": seconds}
+              "correct": correct, "seconds": seconds, "torch_threads": torch.get_num_threads()}
     _write_json(path, result)
     acc = " ".join(f"{t}={np.mean(v):.2f}" for t, v in correct.items())
     ev.log(f"evaluate: {row} [{split}] {acc} ({seconds:.0f} s)")

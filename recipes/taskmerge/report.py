@@ -3,7 +3,8 @@
 Statistics
     accuracy     exact-match rate on a task's test split; a row's *mean accuracy* averages the tasks.
     normalized   per task, the row's accuracy divided by the individual adapter's (that task's own LoRA) on the same
-                 test examples, then averaged over the tasks where the individual adapter is above 0.
+                 test examples, then averaged over the tasks where the individual adapter reaches
+                 ``eval.min_individual`` (a ratio to an adapter that learned almost nothing is noise).
     intervals    95% percentile bootstrap over examples: each task's test examples are resampled with replacement
                  (the same indices for the row and the individual adapter, so the ratio is paired), ``eval.n_boot``
                  times, seeded.
@@ -13,7 +14,6 @@ Statistics
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -26,7 +26,7 @@ import numpy as np
 import adaptermerge as am
 
 from .config import RunConfig
-from .pipeline import _read_json, _write_json, adapter_dir, merge_dir, merge_jobs
+from .layout import _read_json, _write_json, adapter_dir, merge_dir, merge_jobs
 from .tasks import Splits, majority_rate
 
 Log = Callable[[str], None]
@@ -37,14 +37,15 @@ def _acc(v: Sequence[int]) -> float:
 
 
 def bootstrap_row(correct: Mapping[str, Sequence[int]], individual: Mapping[str, Sequence[int]],
-                  tasks: Sequence[str], n_boot: int, seed: int, ci: float = 0.95) -> dict[str, Any]:
+                  tasks: Sequence[str], n_boot: int, seed: int, ci: float = 0.95,
+                  min_individual: float = 0.0) -> dict[str, Any]:
     """Mean and normalized accuracy of one row with paired percentile-bootstrap intervals (see module docstring)."""
     rng = np.random.default_rng(seed)
     c = {t: np.asarray(correct[t], dtype=float) for t in tasks}
     ind = {t: np.asarray(individual[t], dtype=float) for t in tasks}
     acc = np.array([c[t].mean() for t in tasks])
     ind_acc = np.array([ind[t].mean() for t in tasks])
-    usable = ind_acc > 0
+    usable = (ind_acc > 0) & (ind_acc >= min_individual)
     norm_t = np.where(usable, acc / np.where(usable, ind_acc, 1.0), np.nan)
     boots_mean = np.empty(n_boot)
     boots_norm = np.empty(n_boot)
@@ -113,7 +114,8 @@ def interference_study(cfg: RunConfig, results: dict, individual_split: dict[str
         norm = []
         for t in (a, b):
             denom = _acc(ind[t]) if t in ind else float("nan")
-            norm.append(_acc(res["correct"][t]) / denom if denom and denom > 0 else float("nan"))
+            ok = denom > 0 and denom >= cfg.eval.min_individual
+            norm.append(_acc(res["correct"][t]) / denom if ok else float("nan"))
         rows.append({
             "a": a, "b": b,
             "cosine": overall["cosine"][k],
@@ -176,7 +178,8 @@ def write_report(cfg: RunConfig, splits: dict[str, Splits], results: dict, *, lo
     order = ["base", *[f"single:{t}" for t in tasks], "multitask",
              *[f"merge:{j.key}" for j in jobs["defaults"]], *[k for k in rows if k.startswith("tuned:")]]
     for k, name in enumerate(order):
-        stats = bootstrap_row(rows[name]["correct"], individual, tasks, cfg.eval.n_boot, seed + k, cfg.eval.ci)
+        stats = bootstrap_row(rows[name]["correct"], individual, tasks, cfg.eval.n_boot, seed + k, cfg.eval.ci,
+                              cfg.eval.min_individual)
         rec: dict[str, Any] = {"row": name, **stats, "eval_seconds": rows[name].get("seconds")}
         if name.startswith("merge:"):
             info = merge_info[name.removeprefix("merge:")]
@@ -208,10 +211,14 @@ def write_report(cfg: RunConfig, splits: dict[str, Splits], results: dict, *, lo
         for t in tasks
     }
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    threads = {
+        "train": sorted({v.get("torch_threads") for v in train_logs.values()} - {None}),
+        "evaluate": sorted({r.get("torch_threads") for r in rows.values()} - {None}),
+    }
     data = {
         "name": cfg.name, "config": cfg.to_json(), "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_at_report": load,
-                    "torch_threads": _threads()},
+                    "torch_threads": threads},
         "tasks": task_info, "individual": individual_rec, "rows": table,
         "multitask_adapter": {k: train_logs["multitask"]["config"][k] for k in ("r", "alpha", "use_rslora", "max_steps")},
         "tuned": results["tuned"], "interference": study,
@@ -233,15 +240,6 @@ def write_report(cfg: RunConfig, splits: dict[str, Splits], results: dict, *, lo
     return data
 
 
-def _threads() -> int | None:
-    try:
-        import torch
-
-        return torch.get_num_threads()
-    except ImportError:  # pragma: no cover
-        return None
-
-
 def _label(row: str) -> str:
     if row.startswith("merge:"):
         m, r = row.removeprefix("merge:").split("@")
@@ -255,13 +253,18 @@ def render_markdown(cfg: RunConfig, data: dict, by_row: dict) -> str:
     tasks = list(cfg.tasks)
     L: list[str] = []
     L.append(f"# Task merging: `{cfg.name}`\n")
+    th = data["machine"]["torch_threads"]
+    load = data["machine"]["loadavg_at_report"]
     L.append(f"Config `{cfg.source}`; created {data['created']}; {data['machine']['cpus']} CPUs, torch threads "
-             f"{data['machine']['torch_threads']}, load average at report time {data['machine']['loadavg_at_report']}. "
+             f"{th['train'] or '?'} (training) / {th['evaluate'] or 'not recorded'} (evaluation), load average at "
+             f"report time {' '.join(f'{x:.1f}' for x in load) if load else '?'}. "
              f"Training {data['train_seconds_total']:.0f} s, merging {data['merge_seconds_total']:.1f} s, "
              f"evaluation {data['eval_seconds_total']:.0f} s in total.\n")
+    used = [t for t in tasks if data["individual"]["accuracy"][t] >= max(cfg.eval.min_individual, 1e-12)]
     L.append("Exact-match accuracy of greedy decoding (teacher-forced argmax, equivalent), test split. Normalized = "
-             "merged / individual per task, averaged. Brackets: 95% bootstrap intervals over test examples. "
-             "Tuned rows: weights/density chosen on the validation split only.\n")
+             "merged / individual per task, averaged over the tasks whose own adapter reaches "
+             f"{cfg.eval.min_individual:g} ({', '.join(used) or 'none'}). Brackets: 95% bootstrap intervals over test "
+             "examples. Tuned rows: weights/density chosen on the validation split only.\n")
     L.append("## Tasks\n")
     L.append("| task | example | train/val/test | adapter r / alpha / rsLoRA | steps | final loss | majority baseline |")
     L.append("|---|---|---|---|---|---|---|")
@@ -301,7 +304,7 @@ def render_markdown(cfg: RunConfig, data: dict, by_row: dict) -> str:
         pts = ", ".join(f"{k.split(m + '-', 1)[-1]}: {v:.3f}" for k, v in t["grid"].items())
         L.append(f"- {m}: {pts}")
     st = data["interference"]
-    L.append(f"\n## Interference: diagnostics vs accuracy lost by pairwise merges\n")
+    L.append("\n## Interference: diagnostics vs accuracy lost by pairwise merges\n")
     L.append(f"Pairs merged with `{st['method']}` at rank = sum of ranks (exact sum of the two deltas), scored on "
              f"the two tasks' {st['split']} split; interference = 1 - mean normalized accuracy of the pair. "
              "Cosine and sign-conflict rate (among the top 20% magnitudes) from `adaptermerge.analyze`, over all "

@@ -3,8 +3,10 @@
 The implementation is split by concern:
 
 * :mod:`weaverec.prompts`  – prompt wording, chat-template tokenisation, answer masks (no torch needed)
-* :mod:`weaverec.llm`      – base model resolution / GGUF conversion, tiny test models, loading for evaluation
-* :mod:`weaverec.train`    – LoRA training with accelerate (CPU, multi-GPU, multi-node)
+* :mod:`recipe_common.llm` – base model resolution / GGUF conversion, tiny test models, loading for evaluation
+  (shared with the other recipes)
+* :mod:`weaverec.train`    – WeaveRec samples -> the shared LoRA training (:mod:`recipe_common.train`: accelerate,
+  CPU, multi-GPU, multi-node)
 * :mod:`weaverec.scoring`  – candidate log-likelihoods with a shared prompt KV cache, top-k generation, latency
 """
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -30,41 +29,11 @@ import adaptermerge as am
 from adaptermerge.errors import InputError, ParameterError
 
 from .config import MergeSpec, RunConfig
+from .layout import Prepared, _read_json, _slug, _write_json, eval_rows, pooled_module  # noqa: F401
+from .report import write_report
 from .types import Sample
 
 Log = Callable[[str], None]
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    if dataclasses.is_dataclass(x):
-        return dataclasses.asdict(x)
-    raise TypeError(f"not JSON serialisable: {type(x)}")
-
-
-def _read_json(path: Path) -> Any | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def is_main_process() -> bool:
@@ -73,28 +42,6 @@ def is_main_process() -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------------ prepare
-@dataclasses.dataclass
-class Prepared:
-    target: str
-    sources: list[str]
-    target_train: list[Sample]
-    target_valid: list[Sample]
-    target_test: list[Sample]
-    source_train: dict[str, list[Sample]]
-    train_sequences: dict[str, list[str]]  # target domain, for the non-LLM baselines
-    target_items: list[str]
-    stats: dict[str, Any]
-    target_valid_hard: list[Sample] = dataclasses.field(default_factory=list)  # popularity-matched negatives
-    target_test_hard: list[Sample] = dataclasses.field(default_factory=list)
-
-    def test_set(self, protocol: str) -> list[Sample]:
-        """The test samples under a candidate protocol: "uniform" or "hard" negatives."""
-        return self.target_test_hard if protocol == "hard" else self.target_test
-
-    def valid_set(self, protocol: str = "uniform") -> list[Sample]:
-        return self.target_valid_hard if protocol == "hard" else self.target_valid
-
-
 def _save_samples(path: Path, samples: Sequence[Sample]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -201,23 +148,23 @@ def module_samples(cfg: RunConfig, prep: Prepared) -> dict[str, list[Sample]]:
     return mods
 
 
-def pooled_module(cfg: RunConfig) -> Path:
-    """The data-merging module: trained on all domains pooled (the hybrid module itself when there is one source)."""
-    name = "pooled" if len(cfg.data.sources) > 1 else f"hybrid-{cfg.data.sources[0]}"
-    return cfg.run_dir / "modules" / name
-
-
-def base_model_dir(cfg: RunConfig) -> Path:
+def base_model_dir(cfg: RunConfig, log: Log | None = None) -> Path:
     from recipe_common.llm import resolve_base_model
 
-    return resolve_base_model(cfg.model.base, Path(os.path.expanduser(cfg.model.cache_dir)) if cfg.model.cache_dir else None)
+    cache = Path(os.path.expanduser(cfg.model.cache_dir)) if cfg.model.cache_dir else None
+    return resolve_base_model(cfg.model.base, cache, log=log)
+
+
+def _loss(x: float | None) -> str:
+    """A loss for the log: 4 significant digits (the full float is in train_log.json)."""
+    return "-" if x is None else f"{x:#.4g}"
 
 
 def train(cfg: RunConfig, prep: Prepared, *, only: Sequence[str] | None = None, log: Log = print, progress: bool = True) -> dict[str, Any]:
     """Train every module (or ``only`` these), skipping finished ones. Returns {module: TrainResult}."""
     from .train import train_lora
 
-    base = base_model_dir(cfg)
+    base = base_model_dir(cfg, log)
     tcfg = cfg.train_config()
     results = {}
     memo: dict | None = {} if tcfg.cache_prefix else None  # lower-layer states shared by the modules of this run
@@ -226,10 +173,10 @@ def train(cfg: RunConfig, prep: Prepared, *, only: Sequence[str] | None = None, 
             continue
         out = cfg.run_dir / "modules" / name
         t0 = time.perf_counter()
-        res = train_lora(base, samples, out, tcfg, progress=progress, prefix_memo=memo)
+        res = train_lora(base, samples, out, tcfg, progress=progress, prefix_memo=memo, label=name)
         results[name] = res
         state = "reused" if res.resumed else f"trained in {time.perf_counter() - t0:.0f} s"
-        log(f"train: {name}: {len(samples)} samples, {res.steps} steps, final loss {res.final_loss}, {state}")
+        log(f"train: {name}: {len(samples)} samples, {res.steps} steps, final loss {_loss(res.final_loss)}, {state}")
     return results
 
 
@@ -353,7 +300,7 @@ def tune_weights(spec: MergeSpec, cfg: RunConfig, prep: Prepared, adapters, rank
         for i, w in enumerate(grid):
             dirs[str(i)] = tdir / f"point-{i}"
             am.merge(adapters, spec.method, list(w), rank=rank, seed=cfg.seed, **spec.params).save(dirs[str(i)], force=True)
-        shared = _score_shared(cfg, dirs, {"valid": valid}, progress=True)
+        shared = _score_shared(cfg, dirs, {"valid": valid}, progress=True, log=log)
         for d in dirs.values():
             shutil.rmtree(d, ignore_errors=True)
     for i, w in enumerate(grid):
@@ -363,7 +310,7 @@ def tune_weights(spec: MergeSpec, cfg: RunConfig, prep: Prepared, adapters, rank
             tmp = tdir / f"point-{i}"
             merged = am.merge(adapters, spec.method, list(w), rank=rank, seed=cfg.seed, **spec.params)
             merged.save(tmp, force=True)
-            detailed, _ = _score_sets(cfg, tmp, {"valid": valid}, progress=False, label=f"{spec.name} w={w}")
+            detailed, _ = _score_sets(cfg, tmp, {"valid": valid}, progress=False, label=f"{spec.name} w={w}", log=log)
             shutil.rmtree(tmp, ignore_errors=True)
         nd = _valid_ndcg(cfg, detailed["valid"], valid)
         points.append({"weights": list(w), "valid_ndcg10": nd})
@@ -387,29 +334,6 @@ def merge(cfg: RunConfig, *, log: Log = print, prep: Prepared | None = None) -> 
 
 
 # ------------------------------------------------------------------------------------------------------------ evaluate
-def eval_rows(cfg: RunConfig) -> list[dict[str, Any]]:
-    """Every model the report compares, in report order."""
-    rows: list[dict[str, Any]] = []
-    if "base" in cfg.eval.baselines:
-        rows.append({"name": "Base model (zero-shot)", "kind": "llm", "adapter": None})
-    rows.append({"name": "Target-only LoRA", "kind": "llm", "adapter": cfg.run_dir / "modules" / "target"})
-    if cfg.train_baselines:
-        rows.append({"name": "Data merging (pooled LoRA)", "kind": "llm", "adapter": pooled_module(cfg)})
-    for s in cfg.data.sources if cfg.eval.hybrid_rows and len(cfg.data.sources) > 1 else []:
-        rows.append({"name": f"Hybrid LoRA ({cfg.data.target}+{s}) alone", "kind": "llm", "adapter": cfg.run_dir / "modules" / f"hybrid-{s}"})
-    for spec in cfg.merges:
-        rows.append({"name": spec.name, "kind": "llm", "adapter": cfg.run_dir / "merged" / _slug(spec.name), "merge": spec.name})
-    if "sasrec" in cfg.eval.baselines:
-        rows.append({"name": "SASRec (non-LLM)", "kind": "sasrec"})
-    if "popularity" in cfg.eval.baselines:
-        rows.append({"name": "Popularity (non-LLM)", "kind": "popularity"})
-    if "popularity-llm" in cfg.eval.baselines:
-        rows.append({"name": "Popularity (LLM's training samples)", "kind": "popularity-llm"})
-    for r in rows:
-        r["key"] = _slug(r["name"])
-    return rows
-
-
 def _row_fingerprint(cfg: RunConfig, row: dict) -> str:
     adapter = row.get("adapter")
     sha = ""
@@ -441,7 +365,8 @@ def evaluate(cfg: RunConfig, prep: Prepared, *, log: Log = print, progress: bool
         valid = valid_subset(cfg, prep.target_valid) if cfg.eval.reduction == "auto" else []
         sets_all = {**{p: prep.test_set(p) for p in protocols}, **({"valid": valid} if valid else {})}
         t0 = time.perf_counter()
-        shared = _score_shared(cfg, {r["name"]: r["adapter"] for r in stale}, sets_all, progress=progress, latency=True)
+        shared = _score_shared(cfg, {r["name"]: r["adapter"] for r in stale}, sets_all, progress=progress, latency=True,
+                               log=log)
         log(f"evaluate: {len(stale)} LLM rows scored together (layers below {_shared_first_layer(cfg)} shared) "
             f"in {time.perf_counter() - t0:.0f} s")
     for row in todo:
@@ -456,7 +381,7 @@ def evaluate(cfg: RunConfig, prep: Prepared, *, log: Log = print, progress: bool
         sets = {p: prep.test_set(p) for p in protocols}
         extra: dict[str, Any] = {}
         if row["kind"] == "llm":
-            scores, extra = _score_llm(cfg, row, prep, sets, progress=progress, precomputed=shared.get(row["name"]))
+            scores, extra = _score_llm(cfg, row, prep, sets, progress=progress, precomputed=shared.get(row["name"]), log=log)
         elif row["kind"] == "sasrec":
             scores, extra = _score_sasrec(cfg, prep, sets)
         else:
@@ -496,14 +421,14 @@ def evaluate(cfg: RunConfig, prep: Prepared, *, log: Log = print, progress: bool
 
 
 def _score_sets(cfg: RunConfig, adapter: Path | None, sets: dict[str, list[Sample]], *, progress: bool, label: str,
-                latency: bool = False):
+                latency: bool = False, log: Log | None = None):
     """Detailed candidate scores (sum, mean, no-history prior) of every sample set with one folded model."""
     import torch
 
     from recipe_common.llm import count_parameters, load_for_eval, load_tokenizer
     from .scoring import measure_scoring_latency, no_history_priors, score_candidates_detailed, with_priors
 
-    base = base_model_dir(cfg)
+    base = base_model_dir(cfg, log)
     model = load_for_eval(base, adapter, merge=True, dtype=cfg.model.dtype)
     tok = load_tokenizer(base)
     prompt = cfg.prompt()
@@ -540,14 +465,14 @@ def _shared_first_layer(cfg: RunConfig) -> int | None:
 
 
 def _score_shared(cfg: RunConfig, adapters: dict[str, Path | None], sets: dict[str, list[Sample]], *, progress: bool,
-                  latency: bool = False) -> dict[str, tuple[dict, dict]]:
+                  latency: bool = False, log: Log | None = None) -> dict[str, tuple[dict, dict]]:
     """Like :func:`_score_sets` for several models at once, the lower layers run once (SharedPrefixScorer)."""
     import torch
 
     from recipe_common.llm import count_parameters, load_for_eval, load_tokenizer
     from .scoring import SharedPrefixScorer, measure_scoring_latency
 
-    base_dir = base_model_dir(cfg)
+    base_dir = base_model_dir(cfg, log)
     tok = load_tokenizer(base_dir)
     prompt = cfg.prompt()
     max_len = cfg.train_config().max_seq_len
@@ -576,7 +501,7 @@ def _score_shared(cfg: RunConfig, adapters: dict[str, Path | None], sets: dict[s
 
 
 def _score_llm(cfg: RunConfig, row: dict, prep: Prepared, sets: dict[str, list[Sample]], *, progress: bool,
-               precomputed: tuple[dict, dict] | None = None):
+               precomputed: tuple[dict, dict] | None = None, log: Log | None = None):
     import torch
 
     from . import metrics as M
@@ -587,7 +512,7 @@ def _score_llm(cfg: RunConfig, row: dict, prep: Prepared, sets: dict[str, list[S
     if adapter is not None and not (Path(adapter) / "adapter_model.safetensors").exists():
         raise InputError(f"evaluate {row['name']!r}: {adapter} does not exist yet (run train/merge first)")
     if cfg.eval.protocol == "generate":
-        base = base_model_dir(cfg)
+        base = base_model_dir(cfg, log)
         model = load_for_eval(base, adapter, merge=True, dtype=cfg.model.dtype)
         tok = load_tokenizer(base)
         prompt = cfg.prompt()
@@ -595,7 +520,8 @@ def _score_llm(cfg: RunConfig, row: dict, prep: Prepared, sets: dict[str, list[S
         with torch.inference_mode():
             for p, test in sets.items():
                 g = generate_topk(model, tok, test, k=prompt.top_k, prompt=prompt, batch_size=cfg.eval.batch_size,
-                                  max_seq_len=cfg.train_config().max_seq_len, progress=progress)
+                                  max_seq_len=cfg.train_config().max_seq_len, progress=progress,
+                                  label=f"{row['name']}: {p}")
                 gens[p] = {"per_user": M.metrics_from_generations(g, [prompt.show(s.target_title) for s in test]), "titles": g}
         return None, {"generations": gens, "threads": torch.get_num_threads()}
     valid = valid_subset(cfg, prep.target_valid) if cfg.eval.reduction == "auto" else []
@@ -603,7 +529,7 @@ def _score_llm(cfg: RunConfig, row: dict, prep: Prepared, sets: dict[str, list[S
     if precomputed is not None:
         detailed, extra = precomputed
     else:
-        detailed, extra = _score_sets(cfg, adapter, all_sets, progress=progress, label=row["name"], latency=True)
+        detailed, extra = _score_sets(cfg, adapter, all_sets, progress=progress, label=row["name"], latency=True, log=log)
     if valid:
         nd = _valid_ndcg(cfg, detailed["valid"], valid)
         reduction = max(nd, key=lambda r: (nd[r], -("sum", "mean", "pmi").index(r)))
@@ -633,8 +559,6 @@ def _score_sasrec(cfg: RunConfig, prep: Prepared, sets: dict[str, list[Sample]])
 def run(cfg: RunConfig, *, log: Log = print, progress: bool = True, stop_after: str | None = None) -> dict[str, Any]:
     """Every stage in order; each reuses what is already finished."""
     import torch
-
-    from .report import write_report
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

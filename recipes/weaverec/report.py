@@ -10,6 +10,7 @@ agree more with the target module than source-only modules do).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .config import RunConfig
-from .pipeline import Prepared, _slug, _write_json, eval_rows
+from .layout import Prepared, _slug, _write_json, eval_rows
 
 METRICS_LIKELIHOOD = ["HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR"]
 METRICS_GENERATE = ["NDCG@1", "NDCG@3", "NDCG@5", "MRR@5"]
@@ -105,6 +106,7 @@ def write_report(cfg: RunConfig, prep: Prepared, results: Mapping[str, dict], tr
         "data_note": (f"Corrupted source(s) {', '.join(cfg.data.corrupt_sources)}: next items shuffled among the "
                       "training samples (a deliberately harmful control)." if cfg.data.corrupt_sources else ""),
         "rows": summaries,
+        "kinds": {n: results[n].get("kind", "llm") for n in names},
         "paired_differences": diffs,
         "by_protocol": by_protocol,
         "reductions": {n: {k: results[n][k] for k in ("reduction", "valid_ndcg10", "valid_users", "test_ndcg10_by_reduction")
@@ -115,12 +117,13 @@ def write_report(cfg: RunConfig, prep: Prepared, results: Mapping[str, dict], tr
         "training": training,
         "module_cosine": diag,
         "compute_seconds": round(compute_seconds, 1),
-        "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()},
+        "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "load_average": _load_average()},
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     _write_json(rdir / "report.json", report)
-    (rdir / "report.md").write_text(_markdown(report, metric_names, key_metric))
-    _bar_chart(report, key_metric, rdir / "report.png")
+    chart = _bar_chart(report, key_metric, rdir / "report.png")
+    (rdir / "report.md").write_text(_markdown(report, metric_names, key_metric, chart=chart, results_doc=_results_doc(rdir)))
     log(f"report: {rdir / 'report.md'}")
     log("\n" + _table(report, metric_names))
     return report
@@ -175,7 +178,90 @@ def _table(report: dict, metric_names: list[str], rows: Mapping[str, Any] | None
     return "\n".join(lines)
 
 
-def _markdown(report: dict, metric_names: list[str], key_metric: str) -> str:
+#: Bar colours of report.png, by row name; the legend and the report text use the same groups.
+COLOR_GROUPS = (
+    ("#c44e52", "WeaveRec (merged target + hybrid modules)"),
+    ("#4c72b0", "other LoRA models (target-only, data merging, naive merging, hybrid alone)"),
+    ("#8c8c8c", "no LoRA trained (base model zero-shot, non-LLM baselines)"),
+)
+
+
+def _color(name: str) -> str:
+    if "WeaveRec" in name:
+        return COLOR_GROUPS[0][0]
+    if "LoRA" in name or "merging" in name:
+        return COLOR_GROUPS[1][0]
+    return COLOR_GROUPS[2][0]
+
+
+def _results_doc(rdir: Path) -> str:
+    """Where the full results are described: a relative link when the run lies in a checkout of the project."""
+    root = Path(__file__).resolve().parents[2]
+    doc = root / "docs" / "weaverec-results.md"
+    if doc.is_file() and rdir.resolve().is_relative_to(root):
+        return os.path.relpath(doc, rdir.resolve())
+    return "docs/weaverec-results.md"
+
+
+def _doc_link(results_doc: str) -> str:
+    if results_doc.startswith(".."):
+        return f"[docs/weaverec-results.md]({results_doc})"
+    return f"{results_doc} in the adaptermerge source tree"
+
+
+def _reading(report: dict, key_metric: str, results_doc: str) -> list[str]:
+    """A few generated sentences: what the numbers of this run can and cannot support (under every candidate
+    protocol the run reports)."""
+    n = report["n_test_users"]
+    by = report.get("by_protocol") or {"uniform": {"rows": report["rows"], "paired_differences": report["paired_differences"]}}
+    several = len(by) > 1
+    first = by[next(iter(by))]["rows"]
+    half = [(s[key_metric]["high"] - s[key_metric]["low"]) / 2 for s in first.values() if key_metric in s]
+    width = float(np.mean(half)) if half else float("nan")
+    out = ["## Reading", ""]
+    out.append(f"* {n} test users: a row's 95% interval on {key_metric} is about ±{width:.3f} wide, so two rows whose "
+               f"means differ by less than that are not told apart by their intervals; the paired comparisons below "
+               f"(same users) are the sharper test.")
+    n_comparisons = 0
+    for p, section in by.items():
+        where = f" ({p} negatives)" if several else ""
+        for name, d in section["paired_differences"].items():
+            m = d.get(key_metric)
+            if not m:
+                continue
+            n_comparisons += 1
+            sig = m["p_value"] < 0.05 and (m["low"] > 0 or m["high"] < 0)
+            verdict = "significant at the 5% level" if sig else "not significant at this number of users"
+            out.append(f"* {name}{where}: {m['mean']:+.3f} {key_metric} [{m['low']:+.3f}, {m['high']:+.3f}], "
+                       f"p = {m['p_value']:.2f}: {verdict}.")
+    if n_comparisons > 1:
+        out.append(f"* Each p-value is for one comparison on its own ({n_comparisons} are made, "
+                   "uncorrected): one p just under 0.05 among them is weak evidence.")
+    small = n < 100 or width > 0.05
+    if small:
+        out.append(f"* A run this small shows that the pipeline works end to end (data, training, merging, scoring, "
+                   f"report) and gives rough magnitudes; it cannot rank the methods. The full experiment and what it "
+                   f"shows: {_doc_link(results_doc)}.")
+    else:
+        out.append(f"* The project's recorded runs and how to read them: {_doc_link(results_doc)}.")
+    for p, section in by.items():
+        rows = section["rows"]
+        where = f" under {p} negatives" if several else ""
+        anchors = [k for k, r in report.get("kinds", {}).items() if r != "llm" and k in rows]
+        llm = [k for k, r in report.get("kinds", {}).items() if r == "llm" and k in rows]
+        if anchors and llm:
+            best_llm = max(llm, key=lambda k: rows[k][key_metric]["mean"])
+            best_anchor = max(anchors, key=lambda k: rows[k][key_metric]["mean"])
+            if rows[best_anchor][key_metric]["mean"] > rows[best_llm][key_metric]["mean"]:
+                out.append(f"* The best non-LLM baseline{where} ({best_anchor}, {rows[best_anchor][key_metric]['mean']:.3f}) "
+                           f"is above every LLM row (best: {best_llm}, {rows[best_llm][key_metric]['mean']:.3f}): the "
+                           "comparison between the LLM rows is the experiment, the baselines say where absolute quality "
+                           "stands.")
+    return out + [""]
+
+
+def _markdown(report: dict, metric_names: list[str], key_metric: str, *, chart: bool = False,
+              results_doc: str = "docs/weaverec-results.md") -> str:
     out = [f"# WeaveRec report: {report['config']}", ""]
     out.append(f"Target domain **{report['target']}**, source domains {', '.join(report['sources'])}; "
                f"{report['n_test_users']} test users; protocol `{report['protocol']}`; "
@@ -183,9 +269,16 @@ def _markdown(report: dict, metric_names: list[str], key_metric: str) -> str:
     out.append(f"Training samples: {report['data']}.")
     if report.get("data_note"):
         out.append(report["data_note"])
+    out += [""] + _reading(report, key_metric, results_doc)
     by = report.get("by_protocol") or {"uniform": {"rows": report["rows"], "paired_differences": report["paired_differences"]}}
+    if chart:
+        legend = "; ".join(f"{'red' if c == '#c44e52' else 'blue' if c == '#4c72b0' else 'grey'}: {what}" for c, what in COLOR_GROUPS)
+        first = next(iter(by))
+        out += [f"![{key_metric} by model](report.png)", "",
+                f"{key_metric} per model with its 95% interval (report.png), {PROTOCOL_TITLES.get(first, first)}. "
+                f"Bar colours: {legend}.", ""]
     for p, section in by.items():
-        out += ["", f"## Candidates: {PROTOCOL_TITLES.get(p, p)}", "", _table(report, metric_names, section["rows"]), ""]
+        out += [f"## All metrics, candidates: {PROTOCOL_TITLES.get(p, p)}", "", _table(report, metric_names, section["rows"]), ""]
         if len(report["sources"]) == 1:
             out += ["With one source domain the pooled (data merging) module is the hybrid module itself: same data.", ""]
         if section["paired_differences"]:
@@ -213,11 +306,15 @@ def _markdown(report: dict, metric_names: list[str], key_metric: str) -> str:
             out.append(f"| {n} | {', '.join(f'{x:.3f}' for x in w['weights'])} | {how} |")
         out.append("")
     cs = report["cold_start"]
+    shown = [b for b in cs["buckets"] if cs["users_per_bucket"].get(b, 0) > 0]
+    empty = [b for b in cs["buckets"] if b not in shown]
     out += [f"## Cold start: {cs['metric']} by the user's target-domain history length", "",
-            "| model | " + " | ".join(f"{b} ({cs['users_per_bucket'].get(b, 0)} users)" for b in cs["buckets"]) + " |",
-            "|---|" + "---|" * len(cs["buckets"])]
+            "| model | " + " | ".join(f"{b} items ({cs['users_per_bucket'][b]} users)" for b in shown) + " |",
+            "|---|" + "---|" * len(shown)]
     for n, row in cs["rows"].items():
-        out.append(f"| {n} | " + " | ".join("-" if row[b] is None else _fmt(row[b]) for b in cs["buckets"]) + " |")
+        out.append(f"| {n} | " + " | ".join("-" if row[b] is None else _fmt(row[b]) for b in shown) + " |")
+    if empty:
+        out += ["", f"Buckets without any test user are left out: {', '.join(b + ' items' for b in empty)}."]
     out.append("")
     if report["inference_cost"]:
         out += ["## Inference cost (adapter folded into the base weights)", "", "| model | parameters | scoring latency per user (median ms) | threads |", "|---|---|---|---|"]
@@ -245,29 +342,44 @@ def _markdown(report: dict, metric_names: list[str], key_metric: str) -> str:
             fl = t.get("final_loss")
             out.append(f"| {n} | {t.get('n_samples')} | {t.get('steps')} | {fl if fl is None else f'{fl:.3f}'} | {t.get('seconds') or 0:.0f} |")
         out.append("")
-    out.append(f"Compute time recorded for training and evaluation: {report['compute_seconds']:.0f} s.")
+    load = (report.get("machine") or {}).get("load_average")
+    where = (f" The machine's load average was {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min, "
+             f"{report['machine'].get('cpus')} CPUs) when the report was written: the times above grow with it."
+             if load else "")
+    out.append(f"Compute time recorded for training and evaluation: {report['compute_seconds']:.0f} s.{where}")
     return "\n".join(out) + "\n"
 
 
-def _bar_chart(report: dict, metric: str, path: Path) -> None:
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):  # not on every platform
+        return None
+
+
+def _bar_chart(report: dict, metric: str, path: Path) -> bool:
+    """Write the bar chart (True), or nothing when matplotlib is missing (False)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError:
-        return
+        return False
     names = list(report["rows"])
     means = [report["rows"][n][metric]["mean"] for n in names]
     lo = [m - report["rows"][n][metric]["low"] for n, m in zip(names, means)]
     hi = [report["rows"][n][metric]["high"] - m for n, m in zip(names, means)]
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
-    colors = ["#c44e52" if "WeaveRec" in n else "#4c72b0" if "LoRA" in n or "merging" in n else "#8c8c8c" for n in names]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.9), layout="constrained")
+    colors = [_color(n) for n in names]
     ax.barh(range(len(names)), means, xerr=[lo, hi], color=colors, capsize=3)
+    fig.legend(handles=[Patch(color=c, label=what) for c, what in COLOR_GROUPS if c in colors],
+               loc="outside lower center", fontsize="small", frameon=False)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
     ax.set_xlabel(f"{metric} (95% bootstrap CI), {report['n_test_users']} test users")
     ax.set_title(f"{report['config']}: target {report['target']}, sources {', '.join(report['sources'])}")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

@@ -35,6 +35,7 @@ from recipe_common.scoring import (
     _pad_left,
     _pad_right,
     _token_logprobs,
+    bar_label,
     position_ids_from_mask,
     progress_bar,
 )
@@ -151,7 +152,7 @@ def score_candidates_detailed(
     max_seq_len: int | None = None,
     prior: bool = False,
     progress: bool = False,
-    label: str = "scoring users",
+    label: str | None = None,
 ) -> list[CandidateScores]:
     """Log-likelihood of every candidate of every sample (see the module docstring).
 
@@ -170,7 +171,7 @@ def score_candidates_detailed(
     results: list[CandidateScores] = []
     try:
         with progress_bar(progress) as bar:
-            task = bar.add_task(label, total=len(samples)) if bar else None
+            task = bar.add_task(bar_label("scoring", label), total=len(samples)) if bar else None
             for idx in _batches(len(samples), batch_size):
                 inputs = [encoder.encode_scoring(samples[i], max_seq_len) for i in idx]
                 for x, (sums, counts) in zip(inputs, _score_batch(model, pad_id, inputs, max_rows)):
@@ -263,6 +264,7 @@ def score_candidates(
     max_seq_len: int | None = None,
     reduction: str = "sum",
     progress: bool = False,
+    label: str | None = None,
 ) -> list[np.ndarray]:
     """Per-sample arrays of candidate scores (higher = more likely): ``reduction`` "sum", "mean" (per token) or
     "pmi" (sum minus the no-history prior)."""
@@ -278,6 +280,7 @@ def score_candidates(
         max_seq_len=max_seq_len,
         prior=reduction == "pmi",
         progress=progress,
+        label=label,
     )
     return [d.reduce(reduction) for d in detailed]
 
@@ -395,9 +398,10 @@ class SharedPrefixScorer:
 
     def score(self, tokenizer, samples: Sequence[Sample], *, prompt: PromptConfig | None = None, batch_size: int = 4,
               max_rows: int = 32, max_seq_len: int | None = None, prior: bool = False,
-              progress: bool = False, label: str = "scoring users (shared lower layers)") -> dict[str, list[CandidateScores]]:
+              progress: bool = False, label: str | None = None) -> dict[str, list[CandidateScores]]:
         """Scores of every added model on ``samples`` (see the class docstring); ``prior`` as in
-        :func:`score_candidates_detailed` (only without a candidate list in the prompt)."""
+        :func:`score_candidates_detailed` (only without a candidate list in the prompt); ``label`` names what is
+        scored on the progress bar."""
         if batch_size < 1 or max_rows < 1:
             raise ParameterError(f"batch_size and max_rows must be >= 1, got {batch_size} and {max_rows}")
         if not self.uppers:
@@ -408,7 +412,8 @@ class SharedPrefixScorer:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         out: dict[str, list[CandidateScores]] = {n: [] for n in self.uppers}
         with progress_bar(progress) as bar:
-            task = bar.add_task(label, total=len(samples)) if bar else None
+            task = bar.add_task(bar_label("scoring", label or f"{len(self.uppers)} models, shared lower layers"),
+                                total=len(samples)) if bar else None
             for idx in _batches(len(samples), batch_size):
                 inputs = [encoder.encode_scoring(samples[i], max_seq_len) for i in idx]
                 low = self._lower(pad_id, inputs, max_rows)
@@ -455,6 +460,7 @@ def generate_topk(
     batch_size: int = 4,
     max_seq_len: int | None = None,
     progress: bool = False,
+    label: str | None = None,
 ) -> list[list[str]]:
     """Greedy generation with the authors' "pick and order the top k" prompt; returns the parsed titles per sample.
 
@@ -472,7 +478,7 @@ def generate_topk(
     out: list[list[str]] = []
     try:
         with progress_bar(progress) as bar:
-            task = bar.add_task("generating top-k", total=len(samples)) if bar else None
+            task = bar.add_task(bar_label("generating top-k", label), total=len(samples)) if bar else None
             for idx in _batches(len(samples), batch_size):
                 budgets = [_max_new_tokens(encoder, samples[i], k) for i in idx]
                 rows = [encoder.encode_generation(samples[i], b, max_seq_len) for i, b in zip(idx, budgets)]

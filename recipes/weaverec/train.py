@@ -71,11 +71,13 @@ def train_lora(
     *,
     progress: bool = True,
     prefix_memo: dict | None = None,
+    label: str | None = None,
 ) -> TrainResult:
     """Train one LoRA adapter on ``samples`` and save it to ``out_dir`` (see :mod:`recipe_common.train`).
 
     ``prefix_memo`` (with ``cfg.cache_prefix``): a dict kept across the modules of one run, so that the lower-layer
-    states of a sample used by several modules (the target data is in every module) are computed once."""
+    states of a sample used by several modules (the target data is in every module) are computed once. ``label``
+    names the module on the progress bar (default: the output folder's name)."""
     cfg = cfg or LoraTrainConfig()
 
     def encode(tokenizer):
@@ -87,7 +89,7 @@ def train_lora(
     return _common.train_lora_encoded(
         base_model_dir, encode, out_dir, cfg,
         fingerprint=samples_fingerprint(samples), n_samples=len(samples), cache_prefix=cfg.cache_prefix,
-        prefix_memo=prefix_memo, progress=progress,
+        prefix_memo=prefix_memo, progress=progress, label=label,
     )
 
 
