@@ -520,3 +520,72 @@ def test_load_from_config(tmp_path: Path, amazon_root: Path):
         load_from_config({"source": "amazon2014", "root": "x"})
     with pytest.raises(ParameterError, match="'source' must be one of"):
         load_from_config({"source": "netflix"})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# popularity-matched negatives, corrupted source
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def skewed(seed: int = 3) -> CDSRData:
+    """One domain of 200 items with a steep popularity curve (item k is in about 60/(k+1)+1 sequences)."""
+    rng = np.random.default_rng(seed)
+    n_items = 200
+    weights = 1.0 / (np.arange(n_items) + 1.0)
+    seqs = {}
+    for u in range(80):
+        n = int(rng.integers(5, 25))
+        seqs[f"u{u:03d}"] = [f"i{x:03d}" for x in rng.choice(n_items, size=n, replace=False, p=weights / weights.sum())]
+    seqs.update(chunks([f"i{x:03d}" for x in range(n_items)], 10, "cover"))
+    return make_data({"d": seqs})
+
+
+def test_hard_negatives_lie_in_the_band_avoid_the_user_and_are_deterministic():
+    from weaverec.data import hard_negative_samples, item_popularity, popularity_band, popularity_ranks
+
+    data = skewed()
+    split = build_samples(data, "d", history_len=5, n_candidates=10, seed=4, max_eval_users=40)
+    hard = hard_negative_samples(data, "d", split.test, seed=7, band_width=40)
+    # independent popularity: count items over every user's sequence without its last two items
+    counts = Counter(it for seq in data.sequences["d"].values() if len(seq) >= 3 for it in seq[:-2])
+    order = sorted(data.domain_items("d"), key=lambda it: (-counts.get(it, 0), it))
+    rank = {it: r for r, it in enumerate(order)}
+    assert popularity_ranks(item_popularity(data, "d")) == rank
+    widened = 0
+    for s, h in zip(split.test, hard):
+        assert (h.user, h.target, h.target_index, h.history) == (s.user, s.target, s.target_index, s.history)
+        assert h.candidates[h.target_index] == s.target and len(set(h.candidates)) == 10
+        negs = [c for i, c in enumerate(h.candidates) if i != h.target_index]
+        assert not set(negs) & set(data.sequences["d"][h.user])  # disjoint from history and target
+        assert h.candidate_titles == tuple(data.items[c].title for c in h.candidates)
+        lo, hi = popularity_band(rank[s.target], len(order), 40)
+        assert hi - lo == 40 and lo <= rank[s.target] < hi
+        inside = all(lo <= rank[c] < hi for c in negs)
+        if not inside:  # only allowed when the band had too few admissible items: then the doubled band holds them
+            widened += 1
+            lo2, hi2 = popularity_band(rank[s.target], len(order), 80)
+            assert sum(1 for it in order[lo:hi] if it not in data.sequences["d"][h.user]) < 9
+            assert all(lo2 <= rank[c] < hi2 for c in negs)
+    assert widened < len(hard) // 4
+    # the popularity gap between target and negatives is far smaller than with uniform negatives
+    def gap(samples):
+        return np.median([np.log1p(counts.get(s.target, 0)) - np.mean([np.log1p(counts.get(c, 0)) for c in s.candidates if c != s.target]) for s in samples])
+    assert abs(gap(hard)) < 0.5 < gap(split.test)
+    assert hard_negative_samples(data, "d", split.test, seed=7, band_width=40) == hard  # deterministic
+    assert hard_negative_samples(data, "d", split.test[::-1], seed=7, band_width=40) == hard[::-1]  # order-free
+    assert hard_negative_samples(data, "d", split.test, seed=8, band_width=40) != hard
+    with pytest.raises(ParameterError, match="band_width"):
+        hard_negative_samples(data, "d", split.test, band_width=0)
+
+
+def test_corrupt_next_items_permutes_targets_only():
+    from weaverec.data import corrupt_next_items
+
+    data = synthetic()
+    train = build_samples(data, "d", history_len=4, n_candidates=5, seed=2).train
+    bad = corrupt_next_items(train, seed=1)
+    assert [b.history for b in bad] == [s.history for s in train]
+    assert Counter(b.target for b in bad) == Counter(s.target for s in train)
+    assert all(b.candidates[b.target_index] == b.target and b.target_title == b.candidate_titles[b.target_index] for b in bad)
+    assert sum(b.target != s.target for b, s in zip(bad, train)) > 0.8 * len(train)
+    assert corrupt_next_items(train, seed=1) == bad

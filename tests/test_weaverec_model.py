@@ -481,3 +481,160 @@ def test_atomic_dir_write_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         llm_mod.atomic_dir_write(tmp_path / "out", boom)
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------- reductions and titles
+def _plain_sum(model, prompt_ids: list[int], cand: list[int]) -> float:
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt_ids + cand])).logits[0].double(), -1)
+    return sum(logp[len(prompt_ids) + j - 1, c].item() for j, c in enumerate(cand))
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_sum_mean_and_pmi_reductions_match_plain_forward_passes(tiny, tok, listed):
+    from dataclasses import replace
+
+    model = fresh_base(tiny)
+    cfg = replace(PROMPT, include_candidates=listed)
+    enc = PromptEncoder(tok, cfg)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    got = score_candidates_detailed(model, tok, SAMPLES, prompt=cfg, batch_size=3, max_rows=2, prior=True)
+    pmi = score_candidates(model, tok, SAMPLES, prompt=cfg, batch_size=2, reduction="pmi")
+    for s, g, p in zip(SAMPLES, got, pmi):
+        empty = replace(s, history=(), history_titles=())
+        sums, priors, lengths = [], [], []
+        for title in s.candidate_titles:
+            cand = tok(title, add_special_tokens=False)["input_ids"] + [end]
+            sums.append(_plain_sum(model, enc.prompt_ids(s), cand))
+            priors.append(_plain_sum(model, enc.prompt_ids(empty), cand))
+            lengths.append(len(cand))
+        np.testing.assert_allclose(g.reduce("sum"), sums, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(g.reduce("mean"), np.array(sums) / np.array(lengths), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(g.prior_sum, priors, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(p, np.array(sums) - np.array(priors), rtol=0, atol=1e-4)
+    assert not np.allclose(got[0].prior_sum, got[0].logprob_sum)  # the history really changes the scores
+    with pytest.raises(ParameterError, match="prior"):
+        score_candidates_detailed(model, tok, SAMPLES[:1], prompt=cfg)[0].reduce("pmi")
+    with pytest.raises(ParameterError, match="reduction"):
+        score_candidates(model, tok, SAMPLES[:1], prompt=cfg, reduction="max")
+
+
+@pytest.mark.parametrize("raw, shown, no_year", [
+    ("Matrix, The (1999)", "The Matrix (1999)", "The Matrix"),
+    ("Chorus Line, A (1985)", "A Chorus Line (1985)", "A Chorus Line"),
+    ("American in Paris, An (1951)", "An American in Paris (1951)", "An American in Paris"),
+    ("Appartement, L' (1996)", "L'Appartement (1996)", "L'Appartement"),
+    ("Boot, Das (1981)", "Das Boot (1981)", "Das Boot"),
+    ("Mariachi, El (1992)", "El Mariachi (1992)", "El Mariachi"),
+    ("Postino, Il (1994)", "Il Postino (1994)", "Il Postino"),
+    ("Misérables, Les (1995)", "Les Misérables (1995)", "Les Misérables"),
+    ("City of Lost Children, The (Cité des enfants perdus, La) (1995)",
+     "The City of Lost Children (La Cité des enfants perdus) (1995)", "The City of Lost Children (La Cité des enfants perdus)"),
+    ("Heat (1995)", "Heat (1995)", "Heat"),
+    ("Dr. Strangelove or: How I Learned to Stop Worrying and Love the Bomb (1963)",
+     "Dr. Strangelove or: How I Learned to Stop Worrying and Love the Bomb (1963)",
+     "Dr. Strangelove or: How I Learned to Stop Worrying and Love the Bomb"),
+    ("Three Colors: Red, The", "The Three Colors: Red", "The Three Colors: Red"),
+    ("Sense and Sensibility", "Sense and Sensibility", "Sense and Sensibility"),
+    ("Theater, Theatre (2001)", "Theater, Theatre (2001)", "Theater, Theatre"),  # "Theatre" is no article
+])
+def test_display_title_uninverts_articles_and_drops_year(raw, shown, no_year):
+    from weaverec.titles import display_title
+
+    assert display_title(raw) == shown
+    assert display_title(raw, keep_year=False) == no_year
+    assert display_title(raw, uninvert_articles=False) == raw
+
+
+def test_prompts_and_answers_use_the_display_titles(tok):
+    from dataclasses import replace
+
+    cfg = replace(PROMPT, uninvert_articles=True, keep_year=False, include_candidates=True)
+    s = make_sample("u", ["Matrix, The (1999)"], ["Boot, Das (1981)", "Heat (1995)"], 0)
+    enc = PromptEncoder(tok, cfg)
+    text = enc.prompt_text(s)
+    assert "[The Matrix]" in text and "[Das Boot || Heat]" in text and "1999" not in text
+    e = enc.encode_training(s)
+    answer = tok("Das Boot", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert list(e.input_ids[e.prompt_len :]) == answer
+    assert enc.encode_scoring(s).candidate_ids[1] == tuple(tok("Heat", add_special_tokens=False)["input_ids"]) + (answer[-1],)
+    # the default keeps the catalogue's text byte for byte
+    assert "Matrix, The (1999)" in PromptEncoder(tok, PROMPT).prompt_text(s)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_prefix_cached_training_equals_uncached(tiny, tmp_path, dropout):
+    """cache_prefix: the frozen layers below the adapted ones run once per sample; losses and weights unchanged."""
+    base = dict(r=4, alpha=8, dropout=dropout, lr=1e-2, warmup_ratio=0.0, epochs=2, batch_size=2, seed=3,
+                prompt=PROMPT, layers=(1,))
+    plain = train_lora(tiny, SAMPLES, tmp_path / "plain", LoraTrainConfig(**base), progress=False)
+    cached = train_lora(tiny, SAMPLES, tmp_path / "cached", LoraTrainConfig(cache_prefix=True, **base), progress=False)
+    assert plain.steps == cached.steps == 4
+    np.testing.assert_allclose(cached.losses, plain.losses, rtol=0, atol=1e-5)
+    assert json.loads((tmp_path / "cached" / "train_log.json").read_text())["prefix_cached_below_layer"] == 1
+    with safe_open(str(tmp_path / "plain" / "adapter_model.safetensors"), framework="pt") as fa, \
+            safe_open(str(tmp_path / "cached" / "adapter_model.safetensors"), framework="pt") as fb:
+        for k in fa.keys():
+            torch.testing.assert_close(fa.get_tensor(k), fb.get_tensor(k), rtol=0, atol=1e-5)
+
+
+def test_shared_lower_layer_scoring_equals_per_model_scoring(tiny, tok, tmp_path):
+    """Layers below the adapted ones run once for all models; every model's scores (sum, mean, PMI) are unchanged."""
+    from dataclasses import replace
+
+    from weaverec.scoring import SharedPrefixScorer
+
+    base_cfg = dict(r=4, alpha=8, dropout=0.0, lr=3e-2, warmup_ratio=0.0, max_steps=3, batch_size=2, prompt=PROMPT,
+                    layers=(1,))
+    for seed in (1, 2):
+        train_lora(tiny, SAMPLES, tmp_path / f"top{seed}", LoraTrainConfig(seed=seed, **base_cfg), progress=False)
+    cfg = replace(PROMPT, include_candidates=False)
+    models = {"base": None, "a": tmp_path / "top1", "b": tmp_path / "top2"}
+    want = {n: score_candidates_detailed(load_for_eval(tiny, a), tok, SAMPLES, prompt=cfg, batch_size=2, max_rows=3,
+                                         prior=True) for n, a in models.items()}
+    base = fresh_base(tiny)
+    scorer = SharedPrefixScorer(base, first_layer=1)
+    for n, a in models.items():
+        scorer.add(n, base if a is None else load_for_eval(tiny, a))
+    got = scorer.score(tok, SAMPLES, prompt=cfg, batch_size=3, max_rows=4, prior=True)
+    for n in models:
+        for g, w in zip(got[n], want[n]):
+            np.testing.assert_array_equal(g.n_tokens, w.n_tokens)
+            for r in ("sum", "mean", "pmi"):
+                np.testing.assert_allclose(g.reduce(r), w.reduce(r), rtol=0, atol=1e-5)
+    assert not np.allclose(got["a"][0].logprob_sum, got["base"][0].logprob_sum, atol=1e-3)  # the models really differ
+    # the base model is left intact, and a model that differs below the shared layers is refused
+    np.testing.assert_allclose(score_candidates_detailed(base, tok, SAMPLES[:1], prompt=cfg)[0].logprob_sum,
+                               want["base"][0].logprob_sum, rtol=0, atol=1e-5)
+    with pytest.raises(ParameterError, match="below layer 1"):
+        SharedPrefixScorer(fresh_base(tiny), first_layer=1).add("all-layers", _all_layer_model(tiny, tmp_path))
+
+
+def _all_layer_model(tiny, tmp_path):
+    cfg = LoraTrainConfig(r=4, alpha=8, dropout=0.0, lr=3e-2, warmup_ratio=0.0, max_steps=2, batch_size=2, seed=0,
+                          prompt=PROMPT)
+    train_lora(tiny, SAMPLES[:2], tmp_path / "all", cfg, progress=False)
+    return load_for_eval(tiny, tmp_path / "all")
+
+
+def test_prefix_memo_shares_lower_layer_states_across_modules(tiny, tmp_path, monkeypatch):
+    """A sample used by two modules goes through the frozen lower layers once; the second module trains as without."""
+    base = dict(r=4, alpha=8, dropout=0.0, lr=1e-2, warmup_ratio=0.0, epochs=1, batch_size=2, seed=4, prompt=PROMPT,
+                layers=(1,), cache_prefix=True)
+    computed = []
+    original = train_mod._pad_left
+
+    def counting(rows, pad_id, device):
+        computed.append(len(rows))
+        return original(rows, pad_id, device)
+
+    memo: dict = {}
+    monkeypatch.setattr(train_mod, "_pad_left", counting)
+    train_lora(tiny, SAMPLES[:3], tmp_path / "first", LoraTrainConfig(**base), progress=False, prefix_memo=memo)
+    assert sum(computed) == 3 and len(memo) == 3
+    computed.clear()
+    shared = train_lora(tiny, SAMPLES, tmp_path / "second", LoraTrainConfig(**base), progress=False, prefix_memo=memo)
+    assert sum(computed) == 1 and len(memo) == 4  # only the one new sample ran through layer 0
+    monkeypatch.setattr(train_mod, "_pad_left", original)
+    alone = train_lora(tiny, SAMPLES, tmp_path / "alone", LoraTrainConfig(**base), progress=False)
+    np.testing.assert_allclose(shared.losses, alone.losses, rtol=0, atol=1e-5)

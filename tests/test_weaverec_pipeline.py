@@ -52,15 +52,18 @@ def finished_run(tmp_path_factory):
         "workdir": str(tmp / "run"),
         "data": {"loader": "table", "path": str(tmp / "data.csv"), "target": "books", "sources": ["games", "music"],
                  "user_split": "most", "history_len": 4, "n_candidates": 6, "max_train_samples": 16,
-                 "max_eval_users": 10, "noun": "item", "include_candidates": False},
+                 "max_eval_users": 10, "noun": "item", "include_candidates": False, "corrupt_sources": ["music"]},
         "model": {"base": str(model)},
         "lora": {"r": 4, "alpha": 8, "max_steps": 2, "batch_size": 4, "max_seq_len": 96, "lr": 1e-3},
         "merges": [
             {"name": "Naive model merging", "modules": "source", "method": "linear"},
             {"name": "WeaveRec", "modules": "hybrid", "method": "linear"},
             {"name": "WeaveRec (TIES)", "modules": "hybrid", "method": "ties", "params": {"density": 0.5}},
+            {"name": "WeaveRec (tuned weights)", "modules": "hybrid", "method": "linear", "weights": "tuned"},
         ],
-        "eval": {"n_boot": 50, "latency_users": 2, "sasrec": {"epochs": 2, "hidden": 16}},
+        "eval": {"n_boot": 50, "latency_users": 2, "sasrec": {"epochs": 2, "hidden": 16}, "protocols": ["uniform", "hard"],
+                 "reduction": "auto", "valid_users": 6, "tune_step": 0.5,
+                 "baselines": ["base", "sasrec", "popularity", "popularity-llm"]},
     })
     logs: list[str] = []
     report = run(cfg, log=logs.append, progress=False)
@@ -74,15 +77,18 @@ def test_report_has_every_row(finished_run):
     data = json.loads((rdir / "report.json").read_text())
     want = {"Base model (zero-shot)", "Target-only LoRA", "Data merging (pooled LoRA)", "Naive model merging", "WeaveRec",
             "WeaveRec (TIES)", "SASRec (non-LLM)", "Popularity (non-LLM)",
-            "Hybrid LoRA (books+games) alone", "Hybrid LoRA (books+music) alone"}
+            "Hybrid LoRA (books+games) alone", "Hybrid LoRA (books+music) alone",
+            "WeaveRec (tuned weights)", "Popularity (LLM's training samples)"}
     assert set(data["rows"]) == want
+    assert set(data["by_protocol"]) == {"uniform", "hard"} and set(data["by_protocol"]["hard"]["rows"]) == want
     for row in data["rows"].values():
         for m, s in row.items():
             assert 0.0 <= s["low"] <= s["mean"] <= s["high"] <= 1.0, (m, s)
             assert s["n"] == 10
     assert "WeaveRec - Target-only LoRA" in data["paired_differences"]
     md = (rdir / "report.md").read_text()
-    assert "| WeaveRec |" in md and "Cold start" in md and "Inference cost" in md
+    assert "| WeaveRec |" in md and "Cold start" in md and "Inference cost" in md and "popularity-matched" in md
+    assert "Corrupted source(s) music" in md and "Score reduction" in md and "Merge weights" in md
     assert "## Reading" in md and "![NDCG@10 by model](report.png)" in md
     assert "load average" in md  # times in the report say under what load they were measured
     # losses in the log have 4 significant digits, not a float's 17
@@ -142,12 +148,77 @@ def test_rerun_resumes(finished_run):
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
 
 
+def _samples(cfg, name):
+    with open(cfg.run_dir / "data" / f"{name}.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_hard_protocol_reductions_and_llm_popularity(finished_run):
+    from weaverec.pipeline import valid_subset
+
+    cfg, _, _ = finished_run
+    test, hard = _samples(cfg, "target_test"), _samples(cfg, "target_test_hard")
+    assert [(s["user"], s["target"], s["target_index"]) for s in test] == [(s["user"], s["target"], s["target_index"]) for s in hard]
+    assert any(a["candidates"] != b["candidates"] for a, b in zip(test, hard))
+    # popularity fitted on the LLM's training samples only: the count of each item as a training target
+    counts: dict[str, int] = {}
+    for s in _samples(cfg, "target_train"):
+        counts[s["target"]] = counts.get(s["target"], 0) + 1
+    res = json.loads((cfg.run_dir / "eval" / "popularity-llm-s-training-samples.json").read_text())
+    for proto, samples in (("uniform", test), ("hard", hard)):
+        got = res["protocols"][proto]["scores"]
+        assert got == [[float(counts.get(c, 0)) for c in s["candidates"]] for s in samples]
+    # every LLM row: the reduction is the validation argmax; validation = the seeded subset of valid_users users
+    assert len(valid_subset(cfg, list(range(10)))) == 6
+    for name in ("base-model-zero-shot", "target-only-lora", "weaverec"):
+        r = json.loads((cfg.run_dir / "eval" / f"{name}.json").read_text())
+        nd = r["valid_ndcg10"]
+        assert set(nd) == {"sum", "mean", "pmi"} and r["valid_users"] == 6
+        assert nd[r["reduction"]] == max(nd.values())
+        assert set(r["protocols"]) == {"uniform", "hard"}
+
+
+def test_tuned_weights_are_the_validation_argmax_and_merged_exactly(finished_run):
+    from weaverec.pipeline import simplex_grid
+
+    cfg, _, _ = finished_run
+    summ = json.loads((cfg.run_dir / "merged" / "weaverec-tuned-weights" / "merge_summary.json").read_text())
+    grid = summ["tuning"]["grid"]
+    assert [tuple(g["weights"]) for g in grid] == simplex_grid(3, 0.5)
+    assert len(grid) == 7 and grid[0]["weights"] == [1 / 3] * 3  # six grid points + the uniform average first
+    best = max(max(g["valid_ndcg10"].values()) for g in grid)
+    first_best = next(g for g in grid if max(g["valid_ndcg10"].values()) == best)
+    assert summ["weights"] == first_best["weights"]
+    mods = cfg.run_dir / "modules"
+    inputs = [read_deltas(mods / "target"), read_deltas(mods / "hybrid-games"), read_deltas(mods / "hybrid-music")]
+    merged = read_deltas(cfg.run_dir / "merged" / "weaverec-tuned-weights")
+    for k in merged:
+        want = sum(w * d[k] for w, d in zip(summ["weights"], inputs))
+        torch.testing.assert_close(merged[k], want, rtol=1e-5, atol=1e-7)
+
+
+def test_simplex_grid_and_bad_configs():
+    from adaptermerge.errors import ParameterError
+    from weaverec.pipeline import simplex_grid
+
+    g = simplex_grid(2, 0.25)
+    assert g == [(1.0, 0.0), (0.75, 0.25), (0.5, 0.5), (0.25, 0.75), (0.0, 1.0)]
+    assert len(simplex_grid(3, 0.25)) == 16 and all(abs(sum(w) - 1) < 1e-12 for w in simplex_grid(4, 0.25))
+    base = {"name": "x", "data": {"sources": ["a"], "target": "t"}}
+    for bad in ({"eval": {"reduction": "max"}}, {"eval": {"protocols": ["hard", "hard"]}}, {"eval": {"tune_step": 0.3}},
+                {"data": {"sources": ["a"], "target": "t", "corrupt_sources": ["b"]}},
+                {"merges": [{"name": "m", "weights": "best"}]}, {"merges": [{"name": "m", "weights": [1.0]}]},
+                {"merges": [{"name": "m", "method": "ties", "weights": "tuned"}]}):
+        with pytest.raises(ParameterError):
+            config_from_dict({**base, **bad})
+
+
 def test_shipped_configs_validate():
     """Every shipped config loads, and every merge it asks for is a valid call of the core library's registry
     (method, parameters and weights for its 1 + len(sources) inputs), checked before any run."""
     import adaptermerge as am
 
-    for name in ("quick", "full", "paper"):
+    for name in ("quick", "full", "paper", "harmful"):
         cfg = load_config(f"recipes/{name}.toml")
         assert cfg.name == name and cfg.data.sources and cfg.data.target not in cfg.data.sources
         names = [m.name for m in cfg.merges]
@@ -155,10 +226,84 @@ def test_shipped_configs_validate():
         for spec in cfg.merges:
             n_inputs = 1 + len(cfg.data.sources)  # the target module and one module per source domain
             rank = None if spec.rank == "exact" else spec.rank
-            req = am.MergeRequest.build(spec.method, n_inputs, spec.weights, spec.params, rank=rank, seed=cfg.seed)
+            weights = None if spec.tuned else spec.weights  # tuned: chosen on validation, checked here as uniform
+            req = am.MergeRequest.build(spec.method, n_inputs, weights, spec.params, rank=rank, seed=cfg.seed)
             assert req.operator.name == spec.method
         with pytest.raises(am.ParameterError):  # and the check is real: a wrong parameter is refused
             am.MergeRequest.build("ties", 2, None, {"densty": 0.5})
+
+
+def test_shared_lower_layers_and_prefix_cache_give_the_same_run(tmp_path):
+    """Top-layer LoRA: cached training + shared-lower-layer scoring (all rows and the weight grid in one pass) give
+    the scores, reductions and tuned weights of plain per-model scoring."""
+    import dataclasses
+
+    titles = write_table(tmp_path / "data.csv")
+    model = tiny_llama(tmp_path / "model", texts=titles)
+    raw = {
+        "name": "tiny-shared", "seed": 5, "workdir": str(tmp_path / "run"),
+        "data": {"loader": "table", "path": str(tmp_path / "data.csv"), "target": "books", "sources": ["games"],
+                 "user_split": "most", "history_len": 4, "n_candidates": 6, "max_train_samples": 12,
+                 "max_eval_users": 8, "noun": "item", "include_candidates": False},
+        "model": {"base": str(model)},
+        "lora": {"r": 4, "alpha": 8, "max_steps": 3, "batch_size": 4, "max_seq_len": 96, "lr": 3e-2, "layers": [1],
+                 "cache_prefix": True, "warmup_ratio": 0.0},
+        "merges": [{"name": "WeaveRec", "modules": "hybrid"},
+                   {"name": "Tuned", "modules": "hybrid", "weights": "tuned"}],
+        "eval": {"n_boot": 20, "latency_users": 2, "protocols": ["uniform", "hard"], "reduction": "auto",
+                 "valid_users": 5, "tune_step": 0.5, "baselines": ["base", "popularity"], "shared_layers": True},
+    }
+    cfg = config_from_dict(raw)
+    logs: list[str] = []
+    run(cfg, log=logs.append, progress=False)
+    assert any("scored together (layers below 1 shared)" in line for line in logs)
+    shared = {p.name: json.loads(p.read_text()) for p in (cfg.run_dir / "eval").glob("*.json")}
+    tuned_shared = json.loads((cfg.run_dir / "merged" / "tuned" / "merge_summary.json").read_text())["tuning"]
+    plain_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, shared_layers=False))
+    logs = []
+    run(plain_cfg, log=logs.append, progress=False)
+    assert not any("scored together" in line for line in logs)
+    tuned_plain = json.loads((cfg.run_dir / "merged" / "tuned" / "merge_summary.json").read_text())["tuning"]
+    for a, b in zip(tuned_shared["grid"], tuned_plain["grid"]):
+        assert a["weights"] == b["weights"]
+        assert a["valid_ndcg10"] == pytest.approx(b["valid_ndcg10"], abs=1e-9)
+    llm = 0
+    for name, a in shared.items():
+        b = json.loads((cfg.run_dir / "eval" / name).read_text())
+        if a["kind"] != "llm":
+            continue
+        llm += 1
+        assert a["reduction"] == b["reduction"] and a["valid_ndcg10"] == pytest.approx(b["valid_ndcg10"], abs=1e-9)
+        for p in ("uniform", "hard"):
+            np.testing.assert_allclose(np.array(a["protocols"][p]["scores"]), np.array(b["protocols"][p]["scores"]), atol=2e-4)
+            assert a["protocols"][p]["per_user"] == b["protocols"][p]["per_user"]
+    assert llm == 5  # base, target-only, data merging (= the hybrid), WeaveRec, tuned
+    log = json.loads((cfg.run_dir / "modules" / "target" / "train_log.json").read_text())
+    assert log["prefix_cached_below_layer"] == 1
+
+
+def test_generate_protocol_rows_under_both_candidate_sets(tmp_path):
+    """The authors' generate-top-k protocol goes through the same evaluate stage: per-protocol metrics, no scores."""
+    from weaverec.pipeline import evaluate, prepare
+
+    titles = write_table(tmp_path / "data.csv")
+    model = tiny_llama(tmp_path / "model", texts=titles)
+    cfg = config_from_dict({
+        "name": "tiny-gen", "seed": 2, "workdir": str(tmp_path / "run"),
+        "data": {"loader": "table", "path": str(tmp_path / "data.csv"), "target": "books", "sources": ["games"],
+                 "user_split": "most", "history_len": 3, "n_candidates": 6, "max_train_samples": 4,
+                 "max_eval_users": 3, "noun": "item", "uninvert_articles": True},
+        "model": {"base": str(model)},
+        "lora": {"r": 4, "alpha": 8, "max_steps": 1, "batch_size": 4, "max_seq_len": 256},
+        "eval": {"protocol": "generate", "protocols": ["uniform", "hard"], "baselines": ["base"], "latency_users": 0},
+    })
+    res = evaluate(cfg, prepare(cfg, log=lambda m: None), log=lambda m: None, progress=False, only=["Base model (zero-shot)"])
+    r = res["Base model (zero-shot)"]
+    assert set(r["protocols"]) == {"uniform", "hard"} and "scores" not in r
+    for p in ("uniform", "hard"):
+        pu = r["protocols"][p]["per_user"]
+        assert set(pu) >= {"NDCG@1", "NDCG@5", "MRR@5"} and all(len(v) == 3 for v in pu.values())
+        assert len(r["generations"][p]["titles"]) == 3
 
 
 def _summary(mean, half):
@@ -221,3 +366,32 @@ def test_one_time_conversion_announces_itself(tmp_path, monkeypatch):
     lines.clear()
     assert llm.resolve_base_model("smollm2-135m", tmp_path / "cache", log=lines.append) == out
     assert lines == []
+
+
+def test_report_reading_covers_every_candidate_protocol():
+    """With two candidate protocols the reading names the protocol of each paired difference and of each anchor
+    statement, counts every comparison, and the chart caption says which protocol the chart shows."""
+    from weaverec.report import _markdown
+
+    diff = lambda mean, lo, hi, p: {"NDCG@10": {"mean": mean, "low": lo, "high": hi, "p_value": p, "n": 25, "confidence": 0.95}}  # noqa: E731
+    uniform = {"rows": {"WeaveRec": {"NDCG@10": _summary(0.33, 0.08)}, "Popularity (non-LLM)": {"NDCG@10": _summary(0.60, 0.05)}},
+               "paired_differences": {"WeaveRec - Target-only LoRA": diff(0.03, -0.02, 0.08, 0.31)}}
+    hard = {"rows": {"WeaveRec": {"NDCG@10": _summary(0.30, 0.08)}, "Popularity (non-LLM)": {"NDCG@10": _summary(0.20, 0.05)}},
+            "paired_differences": {"WeaveRec - Target-only LoRA": diff(0.05, 0.01, 0.09, 0.02)}}
+    report = {
+        "config": "quick", "target": "thriller", "sources": ["comedy"], "protocol": "likelihood", "n_test_users": 25,
+        "data": {"target_train": 64}, "kinds": {"WeaveRec": "llm", "Popularity (non-LLM)": "popularity"},
+        "rows": uniform["rows"], "paired_differences": uniform["paired_differences"],
+        "by_protocol": {"uniform": uniform, "hard": hard},
+        "cold_start": {"metric": "NDCG@10", "buckets": [">10"], "users_per_bucket": {">10": 25}, "rows": {}},
+        "inference_cost": {}, "module_cosine": None, "training": {}, "compute_seconds": 1.0,
+    }
+    md = _markdown(report, ["NDCG@10"], "NDCG@10", chart=True)
+    reading = md.split("## Reading")[1].split("##")[0]
+    assert "WeaveRec - Target-only LoRA (uniform negatives): +0.030 NDCG@10 [-0.020, +0.080], p = 0.31: not significant" in reading
+    assert "WeaveRec - Target-only LoRA (hard negatives): +0.050 NDCG@10 [+0.010, +0.090], p = 0.02: significant" in reading
+    assert "(2 are made, uncorrected)" in reading
+    assert "best non-LLM baseline under uniform negatives (Popularity (non-LLM), 0.600)" in reading
+    assert "under hard negatives" not in reading  # there the LLM row is above popularity
+    assert "(report.png), uniform negatives" in md
+    assert md.count("## All metrics, candidates:") == 2 and "popularity-matched negatives" in md

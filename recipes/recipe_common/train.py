@@ -319,18 +319,23 @@ def _unwrap_base(model):
 
 @torch.inference_mode()
 def prefix_states(model, examples: Sequence[EncodedExample], first_layer: int, pad_id: int,
-                  batch_size: int = 16) -> list[torch.Tensor]:
+                  batch_size: int = 16, memo: dict | None = None) -> list[torch.Tensor]:
     """Hidden states entering decoder layer ``first_layer`` of each example (its own tokens only, (len, hidden)).
 
     Layers below ``first_layer`` carry no LoRA and are frozen, so these states never change during training: they
     are computed once and training runs only the layers from ``first_layer`` up (same loss and gradients, up to
-    float rounding).
+    float rounding). ``memo`` (a dict the caller keeps, for one base model) carries the states over to later
+    calls: an example whose token ids were seen before, e.g. by another module trained on the same sample, is not
+    recomputed.
     """
     base = _unwrap_base(model)
     inner, _ = _decoder(base)
     device = next(base.parameters()).device
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     out: list[torch.Tensor | None] = [None] * len(examples)
+    if memo is not None:
+        for i, e in enumerate(examples):
+            out[i] = memo.get((first_layer, tuple(e.input_ids)))
+    order = sorted((i for i in range(len(examples)) if out[i] is None), key=lambda i: len(examples[i].input_ids))
     was_training = base.training
     base.eval()
     try:
@@ -343,6 +348,8 @@ def prefix_states(model, examples: Sequence[EncodedExample], first_layer: int, p
             for r, i in enumerate(idx):
                 n = len(examples[i].input_ids)
                 out[i] = h[r, h.shape[1] - n :].detach().clone()
+                if memo is not None:
+                    memo[(first_layer, tuple(examples[i].input_ids))] = out[i]
     finally:
         base.train(was_training)
     return out  # type: ignore[return-value]
@@ -412,6 +419,7 @@ def train_lora_encoded(
     fingerprint: str,
     n_samples: int,
     cache_prefix: bool = False,
+    prefix_memo: dict | None = None,
     progress: bool = True,
     label: str | None = None,
 ) -> TrainResult:
@@ -422,8 +430,10 @@ def train_lora_encoded(
     (a finished adapter in ``out_dir`` is reused only when its config and fingerprint match); ``n_samples`` is the
     number of examples ``encode`` will return (0 is an error). ``cache_prefix`` (with ``cfg.layers`` set): compute
     the hidden states below the lowest adapted layer once and train on the layers above only (:func:`prefix_states`;
-    recorded in the train log as ``prefix_cached_below_layer``). ``label`` names the adapter on the progress bar
-    (default: the output folder's name).
+    recorded in the train log as ``prefix_cached_below_layer``). ``prefix_memo``: a dict kept by the caller across
+    modules trained on the same base model, so that a sample shared by several modules is run through the lower
+    layers once (see :func:`prefix_states`). ``label`` names the adapter on the progress bar (default: the output
+    folder's name).
     """
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
@@ -449,7 +459,7 @@ def train_lora_encoded(
     first_layer = min(cfg.layers) if cache_prefix and cfg.layers else 0
     if cache_prefix and cfg.gradient_checkpointing:
         raise ParameterError("cache_prefix and gradient_checkpointing cannot be combined")
-    states = prefix_states(model, encoded, first_layer, tokenizer.pad_token_id) if first_layer else None
+    states = prefix_states(model, encoded, first_layer, tokenizer.pad_token_id, memo=prefix_memo) if first_layer else None
     if first_layer:
         log_fields = {**log_fields, "prefix_cached_below_layer": first_layer}
     params = [p for p in model.parameters() if p.requires_grad]

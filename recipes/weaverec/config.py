@@ -47,6 +47,9 @@ class DataConfig:
     max_eval_users: int | None = 500
     noun: str = "movie"
     include_candidates: bool = True  # list the candidates in the prompt (the authors' protocol)
+    uninvert_articles: bool = False  # show "Matrix, The (1999)" as "The Matrix (1999)" in prompts and answers
+    keep_year: bool = True  # False drops a trailing "(1999)" from the titles the model sees
+    corrupt_sources: list[str] = field(default_factory=list)  # sources whose next items are shuffled (harmful control)
 
     def __post_init__(self) -> None:
         if self.loader not in ("movielens", "amazon2014", "table"):
@@ -59,6 +62,9 @@ class DataConfig:
             raise ParameterError(f"data.sources has duplicates: {self.sources}")
         if self.loader != "movielens" and not self.path:
             raise ParameterError(f"data.path is required for loader {self.loader!r}")
+        bad = sorted(set(self.corrupt_sources) - set(self.sources))
+        if bad:
+            raise ParameterError(f"data.corrupt_sources names {bad}, which are not in data.sources {self.sources}")
 
 
 @dataclass(frozen=True)
@@ -75,19 +81,35 @@ class MergeSpec:
     name: str
     modules: str = "hybrid"  # hybrid: target + hybrid_i (WeaveRec); source: target + source_i (naive merging)
     method: str = "linear"
-    weights: list[float] | None = None  # default uniform (the authors' released setting)
+    weights: list[float] | str | None = None  # default uniform (the authors' released setting); "tuned": validation grid
     params: dict[str, Any] = field(default_factory=dict)
     rank: int | str | None = "exact"  # exact: linear -> rank = sum of ranks, element-wise -> full; or an int
 
     def __post_init__(self) -> None:
         if self.modules not in ("hybrid", "source"):
             raise ParameterError(f"merge {self.name!r}: modules must be 'hybrid' or 'source', got {self.modules!r}")
+        if isinstance(self.weights, str) and self.weights != "tuned":
+            raise ParameterError(f"merge {self.name!r}: weights must be a list of numbers or \"tuned\", got {self.weights!r}")
+
+    @property
+    def tuned(self) -> bool:
+        return self.weights == "tuned"
+
+
+#: Non-LLM and zero-shot rows: base model, SASRec, popularity (all training sequences), and popularity fitted only
+#: on the target-domain samples the LLM is trained on.
+BASELINES: tuple[str, ...] = ("base", "sasrec", "popularity", "popularity-llm")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     protocol: str = "likelihood"  # likelihood (rank candidates by log-likelihood) | generate (authors' top-5)
-    reduction: str = "sum"  # likelihood: sum or mean of the title's token log-probs
+    reduction: str = "sum"  # likelihood: sum | mean (per token) | pmi (minus the no-history prior) | auto (validation)
+    protocols: list[str] = field(default_factory=lambda: ["uniform"])  # candidate sets: uniform and/or hard negatives
+    hard_band: int | None = None  # hard negatives: popularity-rank window width (default 4 x (candidates - 1))
+    valid_users: int | None = None  # validation users for choosing the reduction and tuned weights (None: all)
+    tune_step: float = 0.25  # tuned merge weights: grid step on the simplex
+    shared_layers: bool = False  # run the layers below lora.layers once for all models (likelihood, no candidate list)
     batch_size: int = 4
     max_rows: int = 32
     n_boot: int = 1000
@@ -101,9 +123,21 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.protocol not in ("likelihood", "generate"):
             raise ParameterError(f"eval.protocol must be likelihood or generate, got {self.protocol!r}")
-        bad = sorted(set(self.baselines) - {"base", "sasrec", "popularity"})
+        bad = sorted(set(self.baselines) - set(BASELINES))
         if bad:
-            raise ParameterError(f"eval.baselines: unknown {bad}; known: base, sasrec, popularity")
+            raise ParameterError(f"eval.baselines: unknown {bad}; known: {', '.join(BASELINES)}")
+        if self.reduction not in ("sum", "mean", "pmi", "auto"):
+            raise ParameterError(f"eval.reduction must be sum, mean, pmi or auto, got {self.reduction!r}")
+        bad = [p for p in self.protocols if p not in ("uniform", "hard")]
+        if bad or not self.protocols or len(set(self.protocols)) != len(self.protocols):
+            raise ParameterError(f"eval.protocols must be distinct names among uniform, hard; got {self.protocols}")
+        if self.hard_band is not None and self.hard_band < 1:
+            raise ParameterError(f"eval.hard_band must be >= 1, got {self.hard_band}")
+        if self.valid_users is not None and self.valid_users < 2:
+            raise ParameterError(f"eval.valid_users must be >= 2, got {self.valid_users}")
+        steps = 1.0 / self.tune_step if self.tune_step > 0 else 0.5
+        if not (0 < self.tune_step <= 1) or abs(steps - round(steps)) > 1e-9:
+            raise ParameterError(f"eval.tune_step must be 1/n for a whole n >= 1 (e.g. 0.25), got {self.tune_step}")
         SASRecConfig.from_dict(self.sasrec)
 
 
@@ -126,7 +160,8 @@ class RunConfig:
         return Path(self.workdir) if self.workdir else Path("runs") / self.name
 
     def prompt(self) -> PromptConfig:
-        return PromptConfig(noun=self.data.noun, include_candidates=self.data.include_candidates)
+        return PromptConfig(noun=self.data.noun, include_candidates=self.data.include_candidates,
+                            uninvert_articles=self.data.uninvert_articles, keep_year=self.data.keep_year)
 
     def train_config(self) -> LoraTrainConfig:
         values = {"seed": self.seed, **self.lora}
@@ -198,6 +233,12 @@ def config_from_dict(raw: Mapping[str, Any], *, where: str = "config") -> RunCon
         source_path=where,
     )
     cfg.train_config()  # validates the lora section now, not after the data is prepared
+    for m in merges:
+        n = 1 + len(cfg.data.sources)
+        if isinstance(m.weights, list) and len(m.weights) != n:
+            raise ParameterError(f"{where}: merge {m.name!r} has {len(m.weights)} weights for {n} modules")
+        if m.tuned and (cfg.eval.protocol != "likelihood" or m.method not in ("linear", "task_arithmetic")):
+            raise ParameterError(f"{where}: merge {m.name!r}: tuned weights need eval.protocol likelihood and a linear method")
     if any(m.modules == "source" for m in merges) and not cfg.train_baselines:
         raise ParameterError(f"{where}: a merge of source-only modules needs train_baselines = true")
     return cfg

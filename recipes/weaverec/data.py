@@ -36,7 +36,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -1033,3 +1033,111 @@ def build_samples(
         "seed": seed,
     }
     return Splits(domain=domain, train=train, valid=valid, test=test, info=info)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Popularity-matched ("hard") negatives
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def item_popularity(data: CDSRData, domain: str) -> dict[str, int]:
+    """Interaction count of every item of ``domain`` in the training sequences (validation/test items excluded);
+    items never seen there count 0."""
+    counts = Counter(it for seq in training_sequences(data, domain).values() for it in seq)
+    return {it: counts.get(it, 0) for it in data.domain_items(domain)}
+
+
+def popularity_ranks(popularity: Mapping[str, int]) -> dict[str, int]:
+    """Rank of every item by popularity, 0 = most popular; ties broken by item id (deterministic)."""
+    order = sorted(popularity, key=lambda it: (-popularity[it], it))
+    return {it: r for r, it in enumerate(order)}
+
+
+def popularity_band(rank: int, n_items: int, width: int) -> tuple[int, int]:
+    """The rank window ``[lo, hi)`` of ``width`` items centred on ``rank``, shifted to stay inside ``[0, n_items)``."""
+    width = min(width, n_items)
+    lo = max(0, min(rank - width // 2, n_items - width))
+    return lo, lo + width
+
+
+def hard_negative_samples(
+    data: CDSRData,
+    domain: str,
+    samples: Sequence[Sample],
+    *,
+    seed: int = 0,
+    band_width: int | None = None,
+    popularity: Mapping[str, int] | None = None,
+) -> list[Sample]:
+    """``samples`` with their negatives redrawn from the true item's popularity band.
+
+    Items are ranked by :func:`item_popularity` (training sequences only); the band is the ``band_width`` items
+    (default ``4 x (candidates - 1)``) around the target's rank (:func:`popularity_band`). Negatives are drawn
+    uniformly without replacement from the band, excluding the target and every item of the user's whole sequence
+    in ``domain`` (and anything sharing a title with those); when the band holds too few such items it is doubled
+    until it does. The target keeps its position; the draw is keyed by ``(seed, domain, user, target position)``,
+    so it does not depend on sample order. With uniform negatives the true item is usually far more popular than
+    its negatives (popularity alone then ranks well); here popularity carries almost no signal.
+    """
+    seed = _check_seed(seed)
+    data._require_domain(domain)
+    pop = dict(popularity) if popularity is not None else item_popularity(data, domain)
+    ranks = popularity_ranks(pop)
+    by_rank = sorted(ranks, key=ranks.__getitem__)
+    n = len(by_rank)
+    out = []
+    for s in samples:
+        k = len(s.candidates) - 1
+        width = band_width if band_width is not None else 4 * k
+        _check_positive_int("band_width", width, 1)
+        if s.target not in ranks:
+            raise InputError(f"hard negatives: target {s.target!r} of user {s.user!r} is not an item of {domain!r}")
+        seq = data.sequences.get(domain, {}).get(s.user, [])
+        banned = set(seq) | {s.target} | set(s.history)
+        banned_titles = {data.items[it].title for it in banned if it in data.items}
+        r = ranks[s.target]
+        while True:
+            lo, hi = popularity_band(r, n, width)
+            pool = [it for it in by_rank[lo:hi] if it not in banned and data.items[it].title not in banned_titles]
+            if len(pool) >= k or width >= n:
+                break
+            width *= 2
+        if len(pool) < k:
+            raise ParameterError(f"hard negatives: user {s.user!r} leaves only {len(pool)} items for {k} negatives")
+        rng = _rng(seed, "hard-negatives", domain, s.user, s.full_history_len)
+        chosen: list[str] = []
+        seen_titles: set[str] = set()
+        for i in rng.permutation(len(pool)).tolist():
+            title = data.items[pool[i]].title
+            if title in seen_titles:
+                continue
+            seen_titles.add(title)
+            chosen.append(pool[i])
+            if len(chosen) == k:
+                break
+        if len(chosen) < k:
+            raise ParameterError(f"hard negatives: user {s.user!r} has too few distinct titles in its band")
+        t = s.target_index
+        cands = (*chosen[:t], s.target, *chosen[t:])
+        out.append(replace(s, candidates=cands, candidate_titles=tuple(data.items[it].title for it in cands)))
+    return out
+
+
+def corrupt_next_items(samples: Sequence[Sample], *, seed: int = 0) -> list[Sample]:
+    """A deliberately harmful copy of training ``samples``: the next items (targets) are shuffled among the samples
+    (seeded), so each history is paired with another user's next item. Histories, candidates' negatives and the
+    item distribution are unchanged; only the history -> next-item signal is destroyed. Meant for training data
+    (the candidate list may then hold the new target twice)."""
+    seed = _check_seed(seed)
+    if not samples:
+        return []
+    perm = _rng(seed, "corrupt-next-items", samples[0].domain, len(samples)).permutation(len(samples))
+    out = []
+    for s, j in zip(samples, perm.tolist()):
+        donor = samples[j]
+        cands = list(s.candidates)
+        titles = list(s.candidate_titles)
+        cands[s.target_index], titles[s.target_index] = donor.target, donor.target_title
+        out.append(replace(s, target=donor.target, target_title=donor.target_title,
+                           candidates=tuple(cands), candidate_titles=tuple(titles)))
+    return out

@@ -59,6 +59,15 @@ class Prepared:
     train_sequences: dict[str, list[str]]  # target domain, for the non-LLM baselines
     target_items: list[str]
     stats: dict[str, Any]
+    target_valid_hard: list[Sample] = dataclasses.field(default_factory=list)  # popularity-matched negatives
+    target_test_hard: list[Sample] = dataclasses.field(default_factory=list)
+
+    def test_set(self, protocol: str) -> list[Sample]:
+        """The test samples under a candidate protocol: "uniform" or "hard" negatives."""
+        return self.target_test_hard if protocol == "hard" else self.target_test
+
+    def valid_set(self, protocol: str = "uniform") -> list[Sample]:
+        return self.target_valid_hard if protocol == "hard" else self.target_valid
 
 
 def pooled_module(cfg: RunConfig) -> Path:
@@ -83,6 +92,8 @@ def eval_rows(cfg: RunConfig) -> list[dict[str, Any]]:
         rows.append({"name": "SASRec (non-LLM)", "kind": "sasrec"})
     if "popularity" in cfg.eval.baselines:
         rows.append({"name": "Popularity (non-LLM)", "kind": "popularity"})
+    if "popularity-llm" in cfg.eval.baselines:
+        rows.append({"name": "Popularity (LLM's training samples)", "kind": "popularity-llm"})
     for r in rows:
         r["key"] = _slug(r["name"])
     return rows

@@ -34,6 +34,7 @@ from adaptermerge.errors import InputError, ParameterError
 from recipe_common.chat import chat_answer_format, render_chat
 from recipe_common.types import IGNORE_INDEX, EncodedExample
 
+from .titles import display_title
 from .types import Sample
 
 SYSTEM_PROMPT = "You are a helpful recommendation assistant."
@@ -51,6 +52,14 @@ class PromptConfig:
     include_candidates: bool = True
     system: str = SYSTEM_PROMPT
     top_k: int = 5
+    uninvert_articles: bool = False  # "Matrix, The (1999)" -> "The Matrix (1999)" (see weaverec.titles)
+    keep_year: bool = True  # False drops a trailing "(1999)"
+
+    def show(self, title: str) -> str:
+        """The title as the model sees it, in prompts and answers."""
+        if not self.uninvert_articles and self.keep_year:
+            return title.strip()
+        return display_title(title, uninvert_articles=self.uninvert_articles, keep_year=self.keep_year)
 
     def __post_init__(self) -> None:
         if not self.noun.strip():
@@ -67,7 +76,7 @@ class PromptConfig:
 
 
 def _join(titles: Sequence[str], cfg: PromptConfig) -> str:
-    return cfg.separator.join(t.strip() for t in titles)
+    return cfg.separator.join(cfg.show(t) for t in titles)
 
 
 def _history_sentence(history_titles: Sequence[str], cfg: PromptConfig) -> str:
@@ -127,7 +136,7 @@ def topk_answer_titles(sample: Sample, k: int = 5, seed: int = 0) -> list[str]:
 def answer_text(sample: Sample, cfg: PromptConfig, task: Task = "next", seed: int = 0) -> str:
     """The assistant answer used for training on ``sample``."""
     if task == "next":
-        return sample.target_title.strip()
+        return cfg.show(sample.target_title)
     return _join(topk_answer_titles(sample, cfg.top_k, seed), cfg)
 
 
@@ -240,7 +249,7 @@ class PromptEncoder:
         """The "next" prompt and every candidate's answer ids; history trimmed so the longest candidate fits."""
         if not sample.candidate_titles:
             raise InputError(f"sample of user {sample.user!r} has no candidates to score")
-        cands = tuple(tuple(self.answer_ids(t.strip())) for t in sample.candidate_titles)
+        cands = tuple(tuple(self.answer_ids(self.cfg.show(t))) for t in sample.candidate_titles)
         prompt, n_hist = self.fit_prompt(sample, "next", max(len(c) for c in cands), max_seq_len)
         return ScoringInputs(prompt_ids=tuple(prompt), candidate_ids=cands, n_history=n_hist)
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .config import RunConfig
-from .layout import Prepared, _write_json, eval_rows
+from .layout import Prepared, _slug, _write_json, eval_rows
 
 METRICS_LIKELIHOOD = ["HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR"]
 METRICS_GENERATE = ["NDCG@1", "NDCG@3", "NDCG@5", "MRR@5"]
@@ -64,19 +64,17 @@ def write_report(cfg: RunConfig, prep: Prepared, results: Mapping[str, dict], tr
     rdir.mkdir(parents=True, exist_ok=True)
     names = [r["name"] for r in eval_rows(cfg) if r["name"] in results]
     metric_names = METRICS_GENERATE if cfg.eval.protocol == "generate" else METRICS_LIKELIHOOD
-    summaries: dict[str, dict[str, dict]] = {}
-    for n in names:
-        pu = {k: v for k, v in results[n]["per_user"].items() if k in metric_names}
-        summaries[n] = {k: s.as_dict() for k, s in M.summarize(pu, n_boot=cfg.eval.n_boot, seed=cfg.seed).items()}
-    weaverec = next((m.name for m in cfg.merges if m.modules == "hybrid" and m.name in results), None)
-    diffs: dict[str, dict] = {}
-    if weaverec:
-        for other in ["Target-only LoRA", "Data merging (pooled LoRA)", *[m.name for m in cfg.merges if m.modules == "source"]]:
-            if other in results:
-                a = {k: results[weaverec]["per_user"][k] for k in metric_names}
-                b = {k: results[other]["per_user"][k] for k in metric_names}
-                d = M.paired_difference(a, b, n_boot=cfg.eval.n_boot, seed=cfg.seed)
-                diffs[f"{weaverec} - {other}"] = {k: v.as_dict() for k, v in d.items()}
+    protocols = list(cfg.eval.protocols)
+    by_protocol: dict[str, dict] = {}
+    for p in protocols:
+        pus = {n: _per_user(results[n], p, protocols[0]) for n in names}
+        pus = {n: v for n, v in pus.items() if v is not None}
+        summ = {n: {k: st.as_dict() for k, st in M.summarize({k: v for k, v in pu.items() if k in metric_names},
+                                                                n_boot=cfg.eval.n_boot, seed=cfg.seed).items()}
+                for n, pu in pus.items()}
+        by_protocol[p] = {"rows": summ, "paired_differences": _paired(cfg, pus, metric_names)}
+    summaries = by_protocol[protocols[0]]["rows"]
+    diffs = by_protocol[protocols[0]]["paired_differences"]
     key_metric = "NDCG@10" if "NDCG@10" in metric_names else "NDCG@5"
     buckets: dict[str, dict] = {}
     edges = tuple(cfg.eval.buckets)
@@ -104,9 +102,16 @@ def write_report(cfg: RunConfig, prep: Prepared, results: Mapping[str, dict], tr
         "protocol": cfg.eval.protocol,
         "n_test_users": len(prep.target_test),
         "data": prep.stats.get("samples"),
+        "protocols": protocols,
+        "data_note": (f"Corrupted source(s) {', '.join(cfg.data.corrupt_sources)}: next items shuffled among the "
+                      "training samples (a deliberately harmful control)." if cfg.data.corrupt_sources else ""),
         "rows": summaries,
         "kinds": {n: results[n].get("kind", "llm") for n in names},
         "paired_differences": diffs,
+        "by_protocol": by_protocol,
+        "reductions": {n: {k: results[n][k] for k in ("reduction", "valid_ndcg10", "valid_users", "test_ndcg10_by_reduction")
+                           if k in results[n]} for n in names if results[n]["kind"] == "llm"},
+        "merge_weights": _merge_weights(cfg),
         "cold_start": {"metric": key_metric, "buckets": labels, "users_per_bucket": counts, "rows": buckets},
         "inference_cost": cost,
         "training": training,
@@ -124,11 +129,51 @@ def write_report(cfg: RunConfig, prep: Prepared, results: Mapping[str, dict], tr
     return report
 
 
-def _table(report: dict, metric_names: list[str]) -> str:
+def _per_user(res: Mapping[str, Any], protocol: str, first: str) -> dict | None:
+    by = res.get("protocols")
+    if by is None:  # a result written before candidate protocols existed: uniform negatives only
+        return res["per_user"] if protocol == first else None
+    return (by.get(protocol) or {}).get("per_user")
+
+
+PROTOCOL_TITLES = {
+    "uniform": "uniform negatives (comparable with the literature)",
+    "hard": "popularity-matched negatives (from the true item's popularity band)",
+}
+
+
+def _paired(cfg: RunConfig, pus: Mapping[str, dict], metric_names: list[str]) -> dict[str, dict]:
+    """Every WeaveRec-style merge (hybrid modules) against target-only, data merging and naive merging."""
+    from . import metrics as M
+
+    diffs: dict[str, dict] = {}
+    others = ["Target-only LoRA", "Data merging (pooled LoRA)", *[m.name for m in cfg.merges if m.modules == "source"]]
+    for w in [m.name for m in cfg.merges if m.modules == "hybrid" and m.name in pus]:
+        for other in others:
+            if other in pus:
+                a = {k: pus[w][k] for k in metric_names}
+                b = {k: pus[other][k] for k in metric_names}
+                d = M.paired_difference(a, b, n_boot=cfg.eval.n_boot, seed=cfg.seed)
+                diffs[f"{w} - {other}"] = {k: v.as_dict() for k, v in d.items()}
+    return diffs
+
+
+def _merge_weights(cfg: RunConfig) -> dict[str, Any]:
+    out = {}
+    for m in cfg.merges:
+        summ = json.loads(p.read_text()) if (p := cfg.run_dir / "merged" / _slug(m.name) / "merge_summary.json").exists() else {}
+        if "weights" in summ:
+            t = summ.get("tuning") or {}
+            out[m.name] = {"weights": summ["weights"], "tuned": bool(t), "valid_users": t.get("valid_users"),
+                           "grid_points": len(t.get("grid", [])) or None}
+    return out
+
+
+def _table(report: dict, metric_names: list[str], rows: Mapping[str, Any] | None = None) -> str:
     head = "| model | " + " | ".join(metric_names) + " |"
     sep = "|---|" + "---|" * len(metric_names)
     lines = [head, sep]
-    for n, s in report["rows"].items():
+    for n, s in (report["rows"] if rows is None else rows).items():
         lines.append(f"| {n} | " + " | ".join(_fmt(s[m]) for m in metric_names) + " |")
     return "\n".join(lines)
 
@@ -165,25 +210,32 @@ def _doc_link(results_doc: str) -> str:
 
 
 def _reading(report: dict, key_metric: str, results_doc: str) -> list[str]:
-    """A few generated sentences: what the numbers of this run can and cannot support."""
+    """A few generated sentences: what the numbers of this run can and cannot support (under every candidate
+    protocol the run reports)."""
     n = report["n_test_users"]
-    rows = report["rows"]
-    half = [(s[key_metric]["high"] - s[key_metric]["low"]) / 2 for s in rows.values() if key_metric in s]
+    by = report.get("by_protocol") or {"uniform": {"rows": report["rows"], "paired_differences": report["paired_differences"]}}
+    several = len(by) > 1
+    first = by[next(iter(by))]["rows"]
+    half = [(s[key_metric]["high"] - s[key_metric]["low"]) / 2 for s in first.values() if key_metric in s]
     width = float(np.mean(half)) if half else float("nan")
     out = ["## Reading", ""]
     out.append(f"* {n} test users: a row's 95% interval on {key_metric} is about ±{width:.3f} wide, so two rows whose "
                f"means differ by less than that are not told apart by their intervals; the paired comparisons below "
                f"(same users) are the sharper test.")
-    for name, d in report["paired_differences"].items():
-        m = d.get(key_metric)
-        if not m:
-            continue
-        sig = m["p_value"] < 0.05 and (m["low"] > 0 or m["high"] < 0)
-        verdict = "significant at the 5% level" if sig else "not significant at this number of users"
-        out.append(f"* {name}: {m['mean']:+.3f} {key_metric} [{m['low']:+.3f}, {m['high']:+.3f}], p = {m['p_value']:.2f}: "
-                   f"{verdict}.")
-    if len(report["paired_differences"]) > 1:
-        out.append(f"* Each p-value is for one comparison on its own ({len(report['paired_differences'])} are made, "
+    n_comparisons = 0
+    for p, section in by.items():
+        where = f" ({p} negatives)" if several else ""
+        for name, d in section["paired_differences"].items():
+            m = d.get(key_metric)
+            if not m:
+                continue
+            n_comparisons += 1
+            sig = m["p_value"] < 0.05 and (m["low"] > 0 or m["high"] < 0)
+            verdict = "significant at the 5% level" if sig else "not significant at this number of users"
+            out.append(f"* {name}{where}: {m['mean']:+.3f} {key_metric} [{m['low']:+.3f}, {m['high']:+.3f}], "
+                       f"p = {m['p_value']:.2f}: {verdict}.")
+    if n_comparisons > 1:
+        out.append(f"* Each p-value is for one comparison on its own ({n_comparisons} are made, "
                    "uncorrected): one p just under 0.05 among them is weak evidence.")
     small = n < 100 or width > 0.05
     if small:
@@ -192,15 +244,19 @@ def _reading(report: dict, key_metric: str, results_doc: str) -> list[str]:
                    f"shows: {_doc_link(results_doc)}.")
     else:
         out.append(f"* The project's recorded runs and how to read them: {_doc_link(results_doc)}.")
-    anchors = [k for k, r in report.get("kinds", {}).items() if r != "llm"]
-    llm = [k for k, r in report.get("kinds", {}).items() if r == "llm" and k in rows]
-    if anchors and llm:
-        best_llm = max(llm, key=lambda k: rows[k][key_metric]["mean"])
-        best_anchor = max(anchors, key=lambda k: rows[k][key_metric]["mean"])
-        if rows[best_anchor][key_metric]["mean"] > rows[best_llm][key_metric]["mean"]:
-            out.append(f"* The best non-LLM baseline ({best_anchor}, {rows[best_anchor][key_metric]['mean']:.3f}) is above "
-                       f"every LLM row (best: {best_llm}, {rows[best_llm][key_metric]['mean']:.3f}): the comparison "
-                       "between the LLM rows is the experiment, the baselines say where absolute quality stands.")
+    for p, section in by.items():
+        rows = section["rows"]
+        where = f" under {p} negatives" if several else ""
+        anchors = [k for k, r in report.get("kinds", {}).items() if r != "llm" and k in rows]
+        llm = [k for k, r in report.get("kinds", {}).items() if r == "llm" and k in rows]
+        if anchors and llm:
+            best_llm = max(llm, key=lambda k: rows[k][key_metric]["mean"])
+            best_anchor = max(anchors, key=lambda k: rows[k][key_metric]["mean"])
+            if rows[best_anchor][key_metric]["mean"] > rows[best_llm][key_metric]["mean"]:
+                out.append(f"* The best non-LLM baseline{where} ({best_anchor}, {rows[best_anchor][key_metric]['mean']:.3f}) "
+                           f"is above every LLM row (best: {best_llm}, {rows[best_llm][key_metric]['mean']:.3f}): the "
+                           "comparison between the LLM rows is the experiment, the baselines say where absolute quality "
+                           "stands.")
     return out + [""]
 
 
@@ -211,19 +267,43 @@ def _markdown(report: dict, metric_names: list[str], key_metric: str, *, chart: 
                f"{report['n_test_users']} test users; protocol `{report['protocol']}`; "
                f"mean over users with 95% bootstrap intervals.")
     out.append(f"Training samples: {report['data']}.")
+    if report.get("data_note"):
+        out.append(report["data_note"])
     out += [""] + _reading(report, key_metric, results_doc)
+    by = report.get("by_protocol") or {"uniform": {"rows": report["rows"], "paired_differences": report["paired_differences"]}}
     if chart:
         legend = "; ".join(f"{'red' if c == '#c44e52' else 'blue' if c == '#4c72b0' else 'grey'}: {what}" for c, what in COLOR_GROUPS)
+        first = next(iter(by))
         out += [f"![{key_metric} by model](report.png)", "",
-                f"{key_metric} per model with its 95% interval (report.png). Bar colours: {legend}.", ""]
-    out += ["## All metrics", "", _table(report, metric_names), ""]
-    if len(report["sources"]) == 1:
-        out += ["With one source domain the pooled (data merging) module is the hybrid module itself: same data.", ""]
-    if report["paired_differences"]:
-        out += ["## Paired differences (same users, paired bootstrap)", "", "| comparison | " + " | ".join(metric_names) + " |",
-                "|---|" + "---|" * len(metric_names)]
-        for name, d in report["paired_differences"].items():
-            out.append(f"| {name} | " + " | ".join(f"{d[m]['mean']:+.4f} [{d[m]['low']:+.3f}, {d[m]['high']:+.3f}] p={d[m]['p_value']:.3f}" for m in metric_names) + " |")
+                f"{key_metric} per model with its 95% interval (report.png), {PROTOCOL_TITLES.get(first, first)}. "
+                f"Bar colours: {legend}.", ""]
+    for p, section in by.items():
+        out += [f"## All metrics, candidates: {PROTOCOL_TITLES.get(p, p)}", "", _table(report, metric_names, section["rows"]), ""]
+        if len(report["sources"]) == 1:
+            out += ["With one source domain the pooled (data merging) module is the hybrid module itself: same data.", ""]
+        if section["paired_differences"]:
+            out += [f"Paired differences, {p} negatives (same users, paired bootstrap):", "",
+                    "| comparison | " + " | ".join(metric_names) + " |", "|---|" + "---|" * len(metric_names)]
+            for name, d in section["paired_differences"].items():
+                out.append(f"| {name} | " + " | ".join(f"{d[m]['mean']:+.4f} [{d[m]['low']:+.3f}, {d[m]['high']:+.3f}] p={d[m]['p_value']:.3f}" for m in metric_names) + " |")
+            out.append("")
+    red = {n: r for n, r in (report.get("reductions") or {}).items() if r}
+    if red:
+        out += ["## Score reduction (chosen per model on the validation users, never on test)", "",
+                "Sum: log-likelihood of the title; mean: per title token; PMI: minus the same title's log-likelihood "
+                "without any history.", "",
+                "| model | reduction | validation NDCG@10 (sum / mean / PMI) | test NDCG@10 by reduction, for information |",
+                "|---|---|---|---|"]
+        f3 = lambda d: " / ".join("-" if d.get(k) is None else f"{d[k]:.4f}" for k in ("sum", "mean", "pmi"))  # noqa: E731
+        for n, r in red.items():
+            test = "; ".join(f"{p}: {f3(v)}" for p, v in (r.get("test_ndcg10_by_reduction") or {}).items())
+            out.append(f"| {n} | {r.get('reduction', '-')} | {f3(r.get('valid_ndcg10') or {})} | {test} |")
+        out.append("")
+    if report.get("merge_weights"):
+        out += ["## Merge weights (target-only module first)", "", "| merge | weights | chosen on |", "|---|---|---|"]
+        for n, w in report["merge_weights"].items():
+            how = f"validation NDCG@10, {w['valid_users']} users, {w['grid_points']} grid points" if w["tuned"] else "fixed"
+            out.append(f"| {n} | {', '.join(f'{x:.3f}' for x in w['weights'])} | {how} |")
         out.append("")
     cs = report["cold_start"]
     shown = [b for b in cs["buckets"] if cs["users_per_bucket"].get(b, 0) > 0]

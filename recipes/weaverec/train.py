@@ -30,10 +30,13 @@ from .types import Sample
 @dataclass(frozen=True)
 class LoraTrainConfig(_common.LoraTrainConfig):
     """The shared LoRA settings (:class:`recipe_common.train.LoraTrainConfig`) plus WeaveRec's ``task`` ("next" or
-    "top5") and ``prompt`` wording."""
+    "top5"), ``prompt`` wording and ``cache_prefix`` (:func:`recipe_common.train.train_lora_encoded`: the hidden
+    states entering the lowest adapted layer are computed once per sample and reused for every epoch; the result
+    equals uncached training to float rounding)."""
 
     task: str = "next"
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    cache_prefix: bool = False  # with ``layers``: run the frozen layers below them once per sample, train above
 
     def _extra_checks(self) -> list[tuple[bool, str]]:
         return [(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")]
@@ -67,11 +70,14 @@ def train_lora(
     cfg: LoraTrainConfig | None = None,
     *,
     progress: bool = True,
+    prefix_memo: dict | None = None,
     label: str | None = None,
 ) -> TrainResult:
     """Train one LoRA adapter on ``samples`` and save it to ``out_dir`` (see :mod:`recipe_common.train`).
 
-    ``label`` names the module on the progress bar (default: the output folder's name)."""
+    ``prefix_memo`` (with ``cfg.cache_prefix``): a dict kept across the modules of one run, so that the lower-layer
+    states of a sample used by several modules (the target data is in every module) are computed once. ``label``
+    names the module on the progress bar (default: the output folder's name)."""
     cfg = cfg or LoraTrainConfig()
 
     def encode(tokenizer):
@@ -82,7 +88,8 @@ def train_lora(
 
     return _common.train_lora_encoded(
         base_model_dir, encode, out_dir, cfg,
-        fingerprint=samples_fingerprint(samples), n_samples=len(samples), progress=progress, label=label,
+        fingerprint=samples_fingerprint(samples), n_samples=len(samples), cache_prefix=cfg.cache_prefix,
+        prefix_memo=prefix_memo, progress=progress, label=label,
     )
 
 
