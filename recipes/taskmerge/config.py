@@ -5,13 +5,13 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from adaptermerge.errors import InputError, ParameterError
+from adaptermerge.errors import ParameterError
 from recipe_common import train as _common
+from recipe_common.config import read_run_file, section_from_dict
 
 from .tasks import TASK_NAMES
 
@@ -24,15 +24,6 @@ class TaskLoraConfig(_common.LoraTrainConfig):
 
     def peft_options(self) -> dict:
         return {"use_rslora": bool(self.use_rslora)}
-
-
-def _from_dict(cls, values: Mapping[str, Any] | None, where: str):
-    values = dict(values or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ParameterError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
-    return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -172,26 +163,18 @@ def config_from_dict(values: Mapping[str, Any], *, source: str = "") -> RunConfi
         raise ParameterError("config: `name` is required")
     out: dict[str, Any] = {k: v for k, v in values.items() if k in ("name", "seed", "threads", "tasks", "lora")}
     out["run_dir"] = Path(values.get("run_dir") or f"runs/taskmerge-{values['name']}")
-    out["data"] = _from_dict(DataConfig, values.get("data"), "data")
-    out["model"] = _from_dict(ModelConfig, values.get("model"), "model")
-    out["variants"] = [_from_dict(LoraVariant, v, "variants") for v in values.get("variants", [{}])]
-    out["multitask"] = _from_dict(MultitaskConfig, values.get("multitask"), "multitask")
-    out["merge"] = _from_dict(MergeConfig, values.get("merge"), "merge")
-    out["eval"] = _from_dict(EvalConfig, values.get("eval"), "eval")
+    out["data"] = section_from_dict(DataConfig, values.get("data"), "data")
+    out["model"] = section_from_dict(ModelConfig, values.get("model"), "model")
+    out["variants"] = [section_from_dict(LoraVariant, v, "variants") for v in values.get("variants", [{}])]
+    out["multitask"] = section_from_dict(MultitaskConfig, values.get("multitask"), "multitask")
+    out["merge"] = section_from_dict(MergeConfig, values.get("merge"), "merge")
+    out["eval"] = section_from_dict(EvalConfig, values.get("eval"), "eval")
     return RunConfig(**out, source=source)
 
 
-def load_config(path: Path) -> RunConfig:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"cannot read config {path}: {exc.strerror or exc}") from exc
-    try:
-        values = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"config {path} is not valid TOML: {exc}") from exc
-    return config_from_dict(values, source=str(path))
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a run config (.toml, .yaml or .yml)."""
+    return config_from_dict(read_run_file(path), source=str(Path(path)))
 
 
 __all__ = ["RunConfig", "TaskLoraConfig", "config_from_dict", "load_config"]

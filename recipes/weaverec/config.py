@@ -10,25 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from adaptermerge.errors import InputError, ParameterError
+from adaptermerge.errors import ParameterError
+from recipe_common.config import read_run_file, section_from_dict
 
 from .baselines import SASRecConfig
 from .prompts import PromptConfig
 from .train import ALL_PROJECTIONS, LoraTrainConfig
-
-
-def _from_dict(cls, values: Mapping[str, Any] | None, where: str):
-    values = dict(values or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ParameterError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
-    return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -169,7 +160,7 @@ class RunConfig:
             values["target_modules"] = tuple(values["target_modules"])
         if values.get("layers") is not None:
             values["layers"] = tuple(values["layers"])
-        return _from_dict(LoraTrainConfig, {**values, "prompt": self.prompt()}, "lora")
+        return section_from_dict(LoraTrainConfig, {**values, "prompt": self.prompt()}, "lora")
 
     def fingerprint(self, *sections: str) -> str:
         """A hash of the named sections, to tell whether cached stage outputs still match the config."""
@@ -187,27 +178,7 @@ def _plain(x: Any) -> Any:
 
 def load_config(path: str | Path) -> RunConfig:
     """Read and validate a run config (.toml, .yaml or .yml)."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"{p}: cannot read config: {e.strerror or e}") from None
-    try:
-        if p.suffix == ".toml":
-            raw = tomllib.loads(text)
-        elif p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text)
-        else:
-            raise InputError(f"{p}: a run config must be .toml, .yaml or .yml")
-    except InputError:
-        raise
-    except Exception as e:
-        raise InputError(f"{p}: cannot parse: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{p}: a run config must be a mapping")
-    return config_from_dict(raw, where=str(p))
+    return config_from_dict(read_run_file(path), where=str(Path(path)))
 
 
 def config_from_dict(raw: Mapping[str, Any], *, where: str = "config") -> RunConfig:
@@ -218,7 +189,7 @@ def config_from_dict(raw: Mapping[str, Any], *, where: str = "config") -> RunCon
         raise ParameterError(f"{where}: unknown keys {unknown}; known: {sorted(top)}")
     if "name" not in raw:
         raise ParameterError(f"{where}: 'name' is required")
-    merges = [_from_dict(MergeSpec, m, f"{where}: merges[{i}]") for i, m in enumerate(raw.pop("merges", []) or [])]
+    merges = [section_from_dict(MergeSpec, m, f"{where}: merges[{i}]") for i, m in enumerate(raw.pop("merges", []) or [])]
     if not merges:
         merges = [MergeSpec(name="WeaveRec")]
     names = [m.name for m in merges]
@@ -226,10 +197,10 @@ def config_from_dict(raw: Mapping[str, Any], *, where: str = "config") -> RunCon
         raise ParameterError(f"{where}: merge names must be unique, got {names}")
     cfg = RunConfig(
         **{k: v for k, v in raw.items() if k not in ("data", "model", "eval", "merges")},
-        data=_from_dict(DataConfig, raw.get("data"), f"{where}: data"),
-        model=_from_dict(ModelConfig, raw.get("model"), f"{where}: model"),
+        data=section_from_dict(DataConfig, raw.get("data"), f"{where}: data"),
+        model=section_from_dict(ModelConfig, raw.get("model"), f"{where}: model"),
         merges=merges,
-        eval=_from_dict(EvalConfig, raw.get("eval"), f"{where}: eval"),
+        eval=section_from_dict(EvalConfig, raw.get("eval"), f"{where}: eval"),
         source_path=where,
     )
     cfg.train_config()  # validates the lora section now, not after the data is prepared
