@@ -44,6 +44,8 @@ err = Console(stderr=True, soft_wrap=True)
 CONFIG_KEYS = {
     "inputs", "method", "weights", "params", "rank", "seed", "svd", "svd_niter", "svd_oversample", "dtype",
     "output", "force", "extra_tensors", "allow_nonfinite", "allow_disjoint", "alpha", "warn_loss",
+    # the format layer (--to, --for, --format, --base, --ignore-unknown, --gguf-arch)
+    "to", "for", "format", "base", "ignore_unknown", "gguf_arch",
 }
 INPUT_KEYS = {"path", "weight", "alpha"}  # plus every per-input operator parameter (per_input_params())
 
@@ -152,6 +154,12 @@ def _check_config_types(cfg: dict[str, Any], path: Path) -> None:
         "force": ("true or false", lambda v: isinstance(v, bool)),
         "allow_nonfinite": ("true or false", lambda v: isinstance(v, bool)),
         "allow_disjoint": ("true or false", lambda v: isinstance(v, bool)),
+        "ignore_unknown": ("true or false", lambda v: isinstance(v, bool)),
+        "to": ("a string", lambda v: isinstance(v, str)),
+        "for": ("a string", lambda v: isinstance(v, str)),
+        "format": ("a string", lambda v: isinstance(v, str)),
+        "gguf_arch": ("a string", lambda v: isinstance(v, str)),
+        "base": ("a string (a path)", lambda v: isinstance(v, str) and v != ""),
         "seed": ("an integer", _is_int),
         "svd_niter": ("an integer", _is_int),
         "svd_oversample": ("an integer", _is_int),
@@ -336,7 +344,10 @@ def merge(
     if target is None:
         raise ParameterError("no output: pass -o/--output (a directory, or a file ending in .safetensors)")
     force = force or cfg.get("force") is True
-    fmt_opts = formats_cli.FormatOptions(to, for_, in_format, base_model, ignore_unknown, gguf_arch)
+    cfg_base = base / str(cfg["base"]) if cfg.get("base") else None  # relative to the config, as inputs and output
+    fmt_opts = formats_cli.FormatOptions(to or cfg.get("to"), for_ or cfg.get("for"), in_format or cfg.get("format"),
+                                         base_model or cfg_base, ignore_unknown or cfg.get("ignore_unknown") is True,
+                                         gguf_arch or cfg.get("gguf_arch"))
     fmt_opts.check_output(target, force=force, inputs=[Path(p) for p in paths])
     # 2. headers of every input (no tensor data yet), in any format, mapped to one module naming
     default_alpha = alpha if alpha is not None else cfg.get("alpha")

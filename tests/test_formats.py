@@ -561,3 +561,43 @@ def test_outputs_get_ordinary_permissions(tmp_path):
     assert (tmp_path / "pipe").stat().st_mode & 0o777 == 0o777 & ~um
     for out in (tmp_path / "a.gguf", tmp_path / "k2.safetensors"):
         assert out.stat().st_mode & 0o777 == 0o666 & ~um, out
+
+
+def test_merge_config_takes_the_format_options(tmp_path, capsys):
+    """--to, --for, --format, --base, --ignore-unknown and --gguf-arch as config keys: paths relative to the config,
+    command-line flags win, and wrong types are one-line errors before anything is read."""
+    junk = {"lora_unet_no_such_block_0_to_q.lora_down.weight": torch.zeros(2, 4),
+            "lora_unet_no_such_block_0_to_q.lora_up.weight": torch.zeros(4, 2)}
+    wa = kohya_file(tmp_path / "a.safetensors", seed=1, extra=junk)
+    wb = kohya_file(tmp_path / "b.safetensors", seed=2)
+    want = {n: wa[n] + wb[n] for n in wa}
+    cfg = tmp_path / "m.yaml"
+    base = "inputs: [a.safetensors, b.safetensors]\nmethod: task_arithmetic\nrank: full\nformat: kohya\n"
+    cfg.write_text(base + "output: out.safetensors\n")
+    _cli_fails(capsys, ["merge", "--config", str(cfg), "-q"], tmp_path / "out.safetensors", 3, "not recognised")
+    cfg.write_text(base + "output: out.safetensors\nto: kohya\nignore_unknown: true\n")
+    assert main(["merge", "--config", str(cfg), "-q"]) == 0, capsys.readouterr().err
+    assert F.detect(tmp_path / "out.safetensors")[0] == "kohya"
+    assert_deltas(deltas_of(tmp_path / "out.safetensors"), want)
+    # a flag overrides the config's value: a PEFT folder instead of kohya
+    assert main(["merge", "--config", str(cfg), "-q", "--to", "peft", "-o", str(tmp_path / "peft_out")]) == 0
+    assert sorted(x.name for x in (tmp_path / "peft_out").iterdir()) == ["text_encoder", "unet"]  # PEFT: one per component
+    assert_deltas(deltas_of(tmp_path / "peft_out"), want)
+    # GGUF: base (head counts) relative to the config's folder, and the architecture written as asked
+    p = write_adapter(tmp_path / "p", r=4, alpha=8.0)
+    (tmp_path / "sub" / "hf").mkdir(parents=True)
+    (tmp_path / "sub" / "hf" / "config.json").write_text(json.dumps({"num_attention_heads": 4, "num_key_value_heads": 2}))
+    g = tmp_path / "sub" / "g.yaml"
+    g.write_text("inputs: [../p, ../p]\nmethod: task_arithmetic\nrank: full\noutput: out.gguf\nfor: llama.cpp\nbase: hf\ngguf_arch: qwen2\n")
+    assert main(["merge", "--config", str(g), "-q"]) == 0, capsys.readouterr().err
+    import gguf
+
+    r = gguf.GGUFReader(str(tmp_path / "sub" / "out.gguf"))
+    arch = r.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "qwen2"
+    assert_deltas(deltas_of(tmp_path / "sub" / "out.gguf"), {f"base_model.model.{n}": 2 * d.float() for n, d in read_deltas(p).items()})
+    # strict types and values, before any input is read
+    cfg.write_text(base + "output: o2.safetensors\nignore_unknown: 'yes'\n")
+    _cli_fails(capsys, ["merge", "--config", str(cfg), "-q"], tmp_path / "o2.safetensors", 2, "config ignore_unknown must be true or false")
+    cfg.write_text(base + "output: o2.safetensors\nfor: tgi\n")
+    _cli_fails(capsys, ["merge", "--config", str(cfg), "-q"], tmp_path / "o2.safetensors", 2, "--for must be one of")
