@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import factorops, ops  # noqa: F401  (importing them registers their operators)
-from .errors import ParameterError
+from .errors import ParameterError, shorten
 from .protocol import REGISTRY, Operator, Paper, Param
 
 __all__ = ["Method", "METHODS", "Operator", "Paper", "Param", "describe", "get_method", "parse_value", "resolve"]
@@ -47,7 +47,7 @@ def get_method(name: str) -> Method:
         close = difflib.get_close_matches(name.lower().replace("-", "_"), list(METHODS), n=1, cutoff=0.6)
         if close:
             hint = f"; did you mean '{close[0]}'?"
-    raise ParameterError(f"unknown method {name!r}{hint} (adaptermerge methods lists them)")
+    raise ParameterError(f"unknown method {shorten(name)}{hint} (adaptermerge methods lists them)")
 
 
 def _coerce(method: Method, p: Param, value: Any, label: str) -> Any:
@@ -58,33 +58,33 @@ def _coerce(method: Method, p: Param, value: Any, label: str) -> Any:
             return value
         if type(value).__name__ == "bool_":  # numpy bool
             return bool(value)
-        raise ParameterError(f"{where}={value!r} must be true or false")
+        raise ParameterError(f"{where}={shorten(value)} must be true or false")
     if p.type is str:
         if not isinstance(value, str):
-            raise ParameterError(f"{where}={value!r} must be a string")
+            raise ParameterError(f"{where}={shorten(value)} must be a string")
         if p.choices is not None and value not in p.choices:
             close = difflib.get_close_matches(value, p.choices, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ParameterError(f"{where}={value!r} must be one of {', '.join(p.choices)}{hint}")
+            raise ParameterError(f"{where}={shorten(value)} must be one of {', '.join(p.choices)}{hint}")
         return value
     if p.type is int:
         if isinstance(value, bool) or not isinstance(value, Integral):
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
             else:
-                raise ParameterError(f"{where}={value!r} must be an integer")
+                raise ParameterError(f"{where}={shorten(value)} must be an integer")
         out_i = int(value)
         if not p.in_range(out_i):
-            raise ParameterError(f"{where}={value!r} is out of range {p.range_text()}")
+            raise ParameterError(f"{where}={shorten(value)} is out of range {p.range_text()}")
         return out_i
     # float
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise ParameterError(f"{where}={value!r} must be a number")
+        raise ParameterError(f"{where}={shorten(value)} must be a number")
     out = float(value)
     if not math.isfinite(out):
-        raise ParameterError(f"{where}={value!r} must be finite")
+        raise ParameterError(f"{where}={shorten(value)} must be finite")
     if not p.in_range(out):
-        raise ParameterError(f"{where}={value!r} is out of range {p.range_text()}")
+        raise ParameterError(f"{where}={shorten(value)} is out of range {p.range_text()}")
     return out
 
 
@@ -101,7 +101,7 @@ def _resolve_param(method: Method, p: Param, value: Any, n_inputs: int) -> Any:
             return [_coerce(method, p, v, f"{p.name}[{i}]") for i, v in enumerate(value)]
         return [_coerce(method, p, value, p.name)] * n_inputs
     if isinstance(value, (list, tuple)):
-        raise ParameterError(f"method '{method.name}': parameter {p.name} takes one value, got {value!r}")
+        raise ParameterError(f"method '{method.name}': parameter {p.name} takes one value, got {shorten(value)}")
     return _coerce(method, p, value, p.name)
 
 
@@ -111,13 +111,13 @@ def _resolve_weights(method: Method, n_inputs: int, weights: Sequence[float] | N
     if isinstance(weights, torch.Tensor) or type(weights).__name__ == "ndarray":
         weights = weights.tolist()
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
-        raise ParameterError(f"method '{method.name}': weights must be a list of numbers, got {weights!r}")
+        raise ParameterError(f"method '{method.name}': weights must be a list of numbers, got {shorten(weights)}")
     if len(weights) != n_inputs:
         raise ParameterError(f"method '{method.name}': got {len(weights)} weights for {n_inputs} inputs")
     out = []
     for i, w in enumerate(weights):
         if isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(float(w)):
-            raise ParameterError(f"method '{method.name}': weights[{i}]={w!r} must be a finite number")
+            raise ParameterError(f"method '{method.name}': weights[{i}]={shorten(w)} must be a finite number")
         out.append(float(w))
     return out
 
@@ -135,7 +135,7 @@ def resolve(
     """
     method = get_method(name)
     if isinstance(n_inputs, bool) or not isinstance(n_inputs, Integral) or n_inputs < 1:
-        raise ParameterError(f"method '{method.name}': need at least one input, got {n_inputs!r}")
+        raise ParameterError(f"method '{method.name}': need at least one input, got {shorten(n_inputs)}")
     names = {p.name for p in method.params}
     for key in params:
         if key == "seed" and not method.stochastic:
@@ -144,7 +144,7 @@ def resolve(
             valid = f"valid: {', '.join(p.name for p in method.params)}" if names else "it takes no parameters"
             close = difflib.get_close_matches(str(key), sorted(names), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ParameterError(f"method '{method.name}' has no parameter {key!r}{hint} ({valid})")
+            raise ParameterError(f"method '{method.name}' has no parameter {shorten(key)}{hint} ({valid})")
     if not method.stochastic and params.get("seed") is not None:
         _coerce(method, _SEED, params["seed"], "seed")  # accepted and ignored, but still a valid seed
     w = _resolve_weights(method, int(n_inputs), weights)
@@ -183,7 +183,7 @@ def parse_value(name: str, param: str, text: str) -> Any:
         close = difflib.get_close_matches(param, names, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         valid = f"valid: {', '.join(names)}" if names else "it takes no parameters"
-        raise ParameterError(f"method '{method.name}' has no parameter {param!r}{hint} ({valid})") from None
+        raise ParameterError(f"method '{method.name}' has no parameter {shorten(param)}{hint} ({valid})") from None
     parts = [x.strip() for x in text.split(",")] if p.per_input else [text.strip()]
     values = [_parse_one(method, p, x) for x in parts]
     return values[0] if len(values) == 1 else values
@@ -196,14 +196,14 @@ def _parse_one(method: Operator, p: Param, text: str) -> Any:
             return True
         if text.lower() in _FALSE:
             return False
-        raise ParameterError(f"{where}={text!r} must be true or false")
+        raise ParameterError(f"{where}={shorten(text)} must be true or false")
     if p.type is str:
         return text
     try:
         return int(text) if p.type is int else float(text)
     except ValueError:
         kind = "an integer" if p.type is int else "a number"
-        raise ParameterError(f"{where}={text!r} must be {kind}") from None
+        raise ParameterError(f"{where}={shorten(text)} must be {kind}") from None
 
 
 def describe() -> list[dict[str, Any]]:

@@ -794,3 +794,19 @@ def test_pipeline_folder_that_appears_meanwhile_is_not_replaced(tmp_path, monkey
     assert one_line(err) == f"error: {out} appeared while this merge ran (another merge?); not replacing it: pass --force to replace it"
     assert sorted(x.name for x in out.iterdir()) == ["notes.txt"]
     assert temps(tmp_path) == []
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"params": {"density": "x" * 100_000}},
+    {"params": {"majority_sign": "y" * 100_000}},
+    {"weights": ["z" * 100_000]},
+    {"params": {"q" * 100_000: 1.0}},
+])
+def test_operator_parameter_errors_shorten_each_echoed_value(kwargs):
+    """A huge bad value is echoed cut to a few dozen characters, not only capped as a whole line."""
+    from adaptermerge.engine import MergeRequest
+    from adaptermerge.errors import ParameterError
+
+    with pytest.raises(ParameterError) as e:
+        MergeRequest.build("ties", 1, kwargs.get("weights"), kwargs.get("params", {}))
+    assert len(str(e.value)) < 400, len(str(e.value))
