@@ -395,3 +395,20 @@ def test_report_reading_covers_every_candidate_protocol():
     assert "under hard negatives" not in reading  # there the LLM row is above popularity
     assert "(report.png), uniform negatives" in md
     assert md.count("## All metrics, candidates:") == 2 and "popularity-matched negatives" in md
+
+
+def test_source_only_modules_trained_only_for_naive_merging():
+    """Source-only modules serve only the naive-merging row: a config without it does not train them (the harmful
+    config saves that training), and the data-merging module is still there."""
+    from weaverec.layout import Prepared
+    from weaverec.pipeline import module_samples
+
+    base = {"name": "x", "data": {"sources": ["a", "b"], "target": "t"}}
+    prep = Prepared("t", ["a", "b"], ["t1", "t2"], [], [], {"a": ["a1"], "b": ["b1", "b2"]}, {}, [], {})
+    with_naive = config_from_dict({**base, "merges": [{"name": "WeaveRec", "modules": "hybrid"},
+                                                      {"name": "Naive", "modules": "source"}]})
+    mods = module_samples(with_naive, prep)
+    assert mods == {"target": ["t1", "t2"], "hybrid-a": ["t1", "t2", "a1"], "hybrid-b": ["t1", "t2", "b1", "b2"],
+                    "source-a": ["a1"], "source-b": ["b1", "b2"], "pooled": ["t1", "t2", "a1", "b1", "b2"]}
+    without = config_from_dict({**base, "merges": [{"name": "WeaveRec", "modules": "hybrid"}]})
+    assert sorted(module_samples(without, prep)) == ["hybrid-a", "hybrid-b", "pooled", "target"]

@@ -143,7 +143,7 @@ class RunConfig:
     lora: dict[str, Any] = field(default_factory=dict)  # LoraTrainConfig fields
     merges: list[MergeSpec] = field(default_factory=list)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    train_baselines: bool = True  # source-only and pooled modules (for naive merging and data merging rows)
+    train_baselines: bool = True  # the pooled module (data merging row) and, when a merge uses them, source-only modules
     source_path: str = ""
 
     @property

@@ -141,8 +141,9 @@ def module_samples(cfg: RunConfig, prep: Prepared) -> dict[str, list[Sample]]:
     for s in prep.sources:
         mods[f"hybrid-{s}"] = list(prep.target_train) + list(prep.source_train[s])
     if cfg.train_baselines:
-        for s in prep.sources:
-            mods[f"source-{s}"] = list(prep.source_train[s])
+        if any(m.modules == "source" for m in cfg.merges):  # only naive model merging uses source-only modules
+            for s in prep.sources:
+                mods[f"source-{s}"] = list(prep.source_train[s])
         if len(prep.sources) > 1:  # with one source the pooled data is exactly the hybrid module's data
             mods["pooled"] = list(prep.target_train) + [x for s in prep.sources for x in prep.source_train[s]]
     return mods
