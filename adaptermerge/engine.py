@@ -485,8 +485,10 @@ def _output_module(p: ModulePlan, rank: int, dtype: torch.dtype) -> LoraModule:
 FACTOR_COPY_BYTES = 4
 #: bytes per element of the stacked factors (sum of ranks x (m + n)): coefficients-form methods hold a weighted
 #: float32 copy, the float64 stack and its float64 QR factors; cat holds the float32 concatenation; factor-form
-#: methods and dense methods in core space hold float64 copies, their concatenation and its float64 SVD factors
-STACK_BYTES = {"linear": 4 + 8 + 8 + 4, "concat": 4, "factors": 8 + 8 + 8 + 8, "core": 8 + 8 + 8 + 8, "elementwise": 0}
+#: methods and dense methods in core space hold float64 copies, their concatenation, its float64 QR/SVD factors and
+#: the output's float64 factors (measured peaks, 4 inputs of rank 64 at 2048-8192 square: 1.2-1.4x the earlier
+#: 32-byte figure, knots the highest; benchmarks in docs/reliability.md)
+STACK_BYTES = {"linear": 4 + 8 + 8 + 4, "concat": 4, "factors": 6 * 8, "core": 6 * 8, "elementwise": 0}
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 

@@ -381,15 +381,19 @@ def test_memory_check_covers_the_whole_module(tmp_path):
     jobs = [["linear", ["merge", str(d), "-o", str(tmp_path / "o1")]],
             ["cat", ["merge", str(d), str(d), "--method", "cat", "-o", str(tmp_path / "o2")]],
             ["inspect", ["inspect", str(d)]]]
+    factor_form = {"tsv_m": ["--method", "tsv_m"], "iso_c": ["--method", "iso_c"], "iso_cts": ["--method", "iso_cts"],
+                   "knots": ["--method", "knots"], "ties_core": ["--method", "ties", "-p", "space=core"]}
+    jobs += [[name, ["merge", str(d), str(d), *flags, "-o", str(tmp_path / f"o-{name}")]] for name, flags in factor_form.items()]
     r = run_child(MEMORY_DRIVER.replace("sys.argv[1]", repr(json.dumps(jobs))),
                   preexec_fn=lambda: __import__("resource").setrlimit(__import__("resource").RLIMIT_AS, (3 << 30, 3 << 30)))
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    for name in ("linear", "cat", "inspect"):
+    for name in ("linear", "cat", "inspect", *factor_form):  # the factor-form and Core-Space estimates too
         code, err = res[name]
         assert code == 3, res[name]
         assert re.search(r"module '.*q_proj'.* needs about [0-9.]+ GiB of memory.*more than the 3\.0 GiB", one_line(err)), err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert not any((tmp_path / f"o-{name}").exists() for name in factor_form)
 
 
 # ------------------------------------------------------------------------------------------------ 9. race
