@@ -259,6 +259,7 @@ def test_shared_lower_layers_and_prefix_cache_give_the_same_run(tmp_path):
     assert any("scored together (layers below 1 shared)" in line for line in logs)
     shared = {p.name: json.loads(p.read_text()) for p in (cfg.run_dir / "eval").glob("*.json")}
     tuned_shared = json.loads((cfg.run_dir / "merged" / "tuned" / "merge_summary.json").read_text())["tuning"]
+    _check_partial_checkpoints(cfg, shared)
     plain_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, shared_layers=False))
     logs = []
     run(plain_cfg, log=logs.append, progress=False)
@@ -280,6 +281,50 @@ def test_shared_lower_layers_and_prefix_cache_give_the_same_run(tmp_path):
     assert llm == 5  # base, target-only, data merging (= the hybrid), WeaveRec, tuned
     log = json.loads((cfg.run_dir / "modules" / "target" / "train_log.json").read_text())
     assert log["prefix_cached_below_layer"] == 1
+
+
+def _check_partial_checkpoints(cfg, shared):
+    """The shared scoring pass checkpoints blocks of users and the priors (eval/partial/): a re-evaluation reads
+    them back without scoring and gives the same bytes; a lost block is the only one scored again."""
+    from weaverec import pipeline
+    from weaverec.scoring import SharedPrefixScorer
+
+    partial = sorted((cfg.run_dir / "eval" / "partial").glob("*.json"))
+    assert partial, "no checkpoints written"
+    calls = {"score": 0, "priors": 0}
+    real_score, real_priors = SharedPrefixScorer.score, SharedPrefixScorer.priors
+
+    def counting(kind, real):
+        def f(self, *a, **k):
+            calls[kind] += 1
+            return real(self, *a, **k)
+        return f
+
+    prep = pipeline.prepare(cfg, log=lambda m: None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SharedPrefixScorer, "score", counting("score", real_score))
+        mp.setattr(SharedPrefixScorer, "priors", counting("priors", real_priors))
+        mp.setattr(pipeline, "CHECKPOINT_USERS", 4)  # blocks of one batch: several per set
+        for f in (cfg.run_dir / "eval").glob("*.json"):
+            f.unlink()
+        pipeline.evaluate(cfg, prep, log=lambda m: None, progress=False)  # other block size: new checkpoints
+        assert calls["score"] > 3 and calls["priors"] == 0  # new user blocks; the title priors are reused
+        again = {p.name: json.loads(p.read_text()) for p in (cfg.run_dir / "eval").glob("*.json")}
+        for name, a in shared.items():
+            if a["kind"] == "llm":
+                for proto in ("uniform", "hard"):  # batches formed as before: identical scores
+                    assert a["protocols"][proto]["scores"] == again[name]["protocols"][proto]["scores"]
+        n_blocks = calls["score"]
+        for f in (cfg.run_dir / "eval").glob("*.json"):
+            f.unlink()
+        newest = max((cfg.run_dir / "eval" / "partial").glob("*.json"), key=lambda q: q.stat().st_mtime_ns)
+        newest.unlink()
+        calls.update(score=0, priors=0)
+        pipeline.evaluate(cfg, prep, log=lambda m: None, progress=False)
+        assert calls["score"] + calls["priors"] == 1, (calls, n_blocks)  # only the lost checkpoint
+        third = {p.name: json.loads(p.read_text()) for p in (cfg.run_dir / "eval").glob("*.json")}
+        assert {k: v["protocols"] for k, v in third.items() if v["kind"] == "llm"} == \
+            {k: v["protocols"] for k, v in again.items() if v["kind"] == "llm"}
 
 
 def test_generate_protocol_rows_under_both_candidate_sets(tmp_path):

@@ -6,7 +6,7 @@ Everything a stage produces lives under the run directory (``runs/<name>/`` by d
 data/          samples (JSON lines) + stats.json, keyed by a fingerprint of the data config and seed
 modules/<m>/   one PEFT adapter per trained module: target, hybrid-<src>, source-<src>, pooled
 merged/<m>/    one PEFT adapter per merge (adaptermerge's public API)
-eval/<row>.json per-user scores and metrics of every evaluated model
+eval/<row>.json per-user scores and metrics of every evaluated model (eval/partial/: checkpoints of the shared scoring pass, by blocks of users)
 report/        report.md, report.json, report.png
 ```
 
@@ -17,6 +17,7 @@ trained on other samples or settings). Merging uses only ``adaptermerge``'s publ
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -471,7 +472,7 @@ def _score_shared(cfg: RunConfig, adapters: dict[str, Path | None], sets: dict[s
     import torch
 
     from recipe_common.llm import count_parameters, load_for_eval, load_tokenizer
-    from .scoring import SharedPrefixScorer, measure_scoring_latency
+    from .scoring import CandidateScores, SharedPrefixScorer, measure_scoring_latency, with_priors
 
     base_dir = base_model_dir(cfg, log)
     tok = load_tokenizer(base_dir)
@@ -492,13 +493,48 @@ def _score_shared(cfg: RunConfig, adapters: dict[str, Path | None], sets: dict[s
         del model
     prior = cfg.eval.reduction in ("pmi", "auto")
     out: dict[str, dict] = {name: {} for name in adapters}
+    # What the scores depend on, besides the samples: the models, the prompt and the batching (padding changes the
+    # float rounding). Blocks of users are checkpointed under eval/partial/, so an interrupted pass resumes.
+    common = {"models": {n: "base" if a is None else am.load_adapter(a).sha256() for n, a in adapters.items()},
+              "model": cfg.fingerprint("model"), "prompt": dataclasses.asdict(prompt), "max_len": max_len,
+              "batch_size": cfg.eval.batch_size, "max_rows": cfg.eval.max_rows, "first_layer": scorer.first_layer}
+    kw = {"prompt": prompt, "batch_size": cfg.eval.batch_size, "max_rows": cfg.eval.max_rows}
+    block = cfg.eval.batch_size * max(1, CHECKPOINT_USERS // cfg.eval.batch_size)  # whole batches, as unsplit
     for set_name, samples in sets.items():
-        got = scorer.score(tok, samples, prompt=prompt, batch_size=cfg.eval.batch_size, max_rows=cfg.eval.max_rows,
-                           max_seq_len=max_len, prior=prior, progress=progress,
-                           label=f"{len(adapters)} models, shared lower layers: {set_name}")
+        got: dict[str, list] = {name: [] for name in adapters}
+        for lo in range(0, len(samples), block):
+            part = samples[lo : lo + block]
+            path = _partial_path(cfg, common, [[s.user, list(s.history_titles), list(s.candidate_titles)] for s in part])
+            cached = _read_json(path)
+            if cached is None or sorted(cached) != sorted(adapters):
+                res = scorer.score(tok, part, max_seq_len=max_len, progress=progress, **kw,
+                                   label=f"{len(adapters)} models, shared lower layers: {set_name} "
+                                         f"{lo + 1}-{lo + len(part)} of {len(samples)}")
+                cached = {n: [[d.logprob_sum.tolist(), d.n_tokens.tolist(), d.n_history] for d in v] for n, v in res.items()}
+                _write_json(path, cached)
+            for name in adapters:
+                got[name] += [CandidateScores(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.int64), h)
+                              for a, b, h in cached[name]]
+        if prior:
+            titles = sorted({t for s in samples for t in s.candidate_titles})
+            path = _partial_path(cfg, common, titles)
+            priors = _read_json(path)
+            if priors is None or sorted(priors) != sorted(adapters):
+                priors = scorer.priors(tok, titles, **kw)
+                _write_json(path, priors)
+            got = {name: with_priors(v, samples, priors[name]) for name, v in got.items()}
         for name in adapters:
             out[name][set_name] = got[name]
     return {name: (out[name], extras[name]) for name in adapters}
+
+
+#: Users per checkpoint of a shared scoring pass (rounded down to whole batches).
+CHECKPOINT_USERS = 48
+
+
+def _partial_path(cfg: RunConfig, common: dict, what: Any) -> Path:
+    key = hashlib.sha256(json.dumps({**common, "what": what}, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return cfg.run_dir / "eval" / "partial" / f"{key}.json"
 
 
 def _score_llm(cfg: RunConfig, row: dict, prep: Prepared, sets: dict[str, list[Sample]], *, progress: bool,

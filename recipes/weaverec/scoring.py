@@ -426,19 +426,32 @@ class SharedPrefixScorer:
                         start += n
                 if bar:
                     bar.update(task, advance=len(idx))
-            if prior:
-                titles = sorted({t for s in samples for t in s.candidate_titles})
-                chunks = [titles[i : i + max_rows] for i in range(0, len(titles), max_rows)]
-                probe = Sample("<prior>", "", (), (), "", "", (), (), 0, 0)
-                by_title: dict[str, dict[str, float]] = {n: {} for n in self.uppers}
-                for idx in _batches(len(chunks), batch_size):
-                    inputs = [encoder.encode_scoring(_no_history(probe, chunks[i])) for i in idx]
-                    low = self._lower(pad_id, inputs, max_rows)
-                    for name in self.uppers:
-                        sums, _ = self._upper(name, low)
-                        by_title[name].update(zip([t for i in idx for t in chunks[i]], sums.tolist()))
-                out = {n: with_priors(v, samples, by_title[n]) for n, v in out.items()}
+        if prior:
+            by_title = self.priors(tokenizer, [t for s in samples for t in s.candidate_titles], prompt=prompt,
+                                   batch_size=batch_size, max_rows=max_rows)
+            out = {n: with_priors(v, samples, by_title[n]) for n, v in out.items()}
         return out
+
+    @torch.inference_mode()
+    def priors(self, tokenizer, titles: Sequence[str], *, prompt: PromptConfig | None = None, batch_size: int = 4,
+               max_rows: int = 32) -> dict[str, dict[str, float]]:
+        """``{model: {title: no-history log-likelihood}}`` for every distinct title (the PMI prior; prompts without
+        a candidate list only), each title scored once per model, lower layers shared."""
+        encoder = PromptEncoder(tokenizer, prompt)
+        if encoder.cfg.include_candidates:
+            raise ParameterError("SharedPrefixScorer computes the PMI prior only for prompts without a candidate list")
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        distinct = sorted(set(titles))
+        chunks = [distinct[i : i + max_rows] for i in range(0, len(distinct), max_rows)]
+        probe = Sample("<prior>", "", (), (), "", "", (), (), 0, 0)
+        by_title: dict[str, dict[str, float]] = {n: {} for n in self.uppers}
+        for idx in _batches(len(chunks), batch_size):
+            inputs = [encoder.encode_scoring(_no_history(probe, chunks[i])) for i in idx]
+            low = self._lower(pad_id, inputs, max_rows)
+            for name in self.uppers:
+                sums, _ = self._upper(name, low)
+                by_title[name].update(zip([t for i in idx for t in chunks[i]], sums.tolist()))
+        return by_title
 
 
 # ------------------------------------------------------------------------------------------------------ generation
