@@ -457,3 +457,33 @@ def test_source_only_modules_trained_only_for_naive_merging():
                     "source-a": ["a1"], "source-b": ["b1", "b2"], "pooled": ["t1", "t2", "a1", "b1", "b2"]}
     without = config_from_dict({**base, "merges": [{"name": "WeaveRec", "modules": "hybrid"}]})
     assert sorted(module_samples(without, prep)) == ["hybrid-a", "hybrid-b", "pooled", "target"]
+
+
+def test_cli_threads_option_wins_over_the_config(tmp_path, monkeypatch):
+    """`weaverec run --threads 1` on a config with `threads = 2` runs with one torch thread: run() applies the
+    config's thread count, so the option must reach the config (it once did not: two runs of 2 threads each on 2
+    cores, with idle OpenMP workers spinning at half a core each)."""
+    import torch
+
+    from adaptermerge.cli import main
+    from weaverec import pipeline
+
+    seen = {}
+
+    def fake_run(cfg, **kw):
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)  # what the real run() does first
+        seen["threads"], seen["cfg"] = torch.get_num_threads(), cfg.threads
+        return {}
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('name = "t"\nthreads = 2\n[data]\ntarget = "books"\nsources = ["games"]\n')
+    before = torch.get_num_threads()
+    try:
+        assert main(["weaverec", "run", str(cfg), "--threads", "1", "-q"]) == 0
+        assert seen == {"threads": 1, "cfg": 1}
+        assert main(["weaverec", "run", str(cfg), "-q"]) == 0
+        assert seen == {"threads": 2, "cfg": 2}
+    finally:
+        torch.set_num_threads(before)

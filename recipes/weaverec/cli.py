@@ -6,6 +6,8 @@ torch/transformers when they run.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Optional
 
@@ -44,9 +46,10 @@ def _load(config: Path, threads: Optional[int]):
     from .config import load_config
 
     cfg = load_config(config)
-    n = threads or cfg.threads
-    if n:
-        torch.set_num_threads(n)
+    if threads:  # --threads wins over the config's `threads`, also inside run() (which applies cfg.threads)
+        cfg = dataclasses.replace(cfg, threads=threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     return cfg
 
 
