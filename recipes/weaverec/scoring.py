@@ -195,6 +195,18 @@ def _no_history(sample: Sample, titles: Sequence[str] | None = None) -> Sample:
                    target=titles[0], target_title=titles[0], target_index=0)
 
 
+def _prior_chunks(tokenizer, prompt: PromptConfig | None, titles: Sequence[str], max_rows: int, who: str):
+    """(pad id, the distinct titles in sorted chunks of ``max_rows``, chunk -> scoring inputs without history)."""
+    encoder = PromptEncoder(tokenizer, prompt)
+    if encoder.cfg.include_candidates:
+        raise ParameterError(f"{who} needs a prompt without the candidate list (include_candidates=False)")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    unique = sorted(set(titles))
+    probe = Sample("<prior>", "", (), (), "", "", (), (), 0, 0)
+    return (pad_id, [unique[i : i + max_rows] for i in range(0, len(unique), max_rows)],
+            lambda chunk: encoder.encode_scoring(_no_history(probe, chunk)))
+
+
 def no_history_priors(
     model,
     tokenizer,
@@ -209,19 +221,13 @@ def no_history_priors(
     Only meaningful when the prompt does not list the candidates (then that prompt is the same for every user):
     each distinct title is scored once, whatever the number of users or candidate sets.
     """
-    encoder = PromptEncoder(tokenizer, prompt)
-    if encoder.cfg.include_candidates:
-        raise ParameterError("no_history_priors needs a prompt without the candidate list (include_candidates=False)")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    unique = sorted(set(titles))
-    chunks = [unique[i : i + max_rows] for i in range(0, len(unique), max_rows)]
-    probe = Sample("<prior>", "", (), (), "", "", (), (), 0, 0)
+    pad_id, chunks, encode = _prior_chunks(tokenizer, prompt, titles, max_rows, "no_history_priors")
     by_title: dict[str, float] = {}
     was_training = model.training
     model.eval()
     try:
         for idx in _batches(len(chunks), batch_size):
-            inputs = [encoder.encode_scoring(_no_history(probe, chunks[i])) for i in idx]
+            inputs = [encode(chunks[i]) for i in idx]
             for i, (sums, _) in zip(idx, _score_batch(model, pad_id, inputs, max_rows)):
                 by_title.update(zip(chunks[i], sums.tolist()))
     finally:
@@ -437,16 +443,10 @@ class SharedPrefixScorer:
                max_rows: int = 32) -> dict[str, dict[str, float]]:
         """``{model: {title: no-history log-likelihood}}`` for every distinct title (the PMI prior; prompts without
         a candidate list only), each title scored once per model, lower layers shared."""
-        encoder = PromptEncoder(tokenizer, prompt)
-        if encoder.cfg.include_candidates:
-            raise ParameterError("SharedPrefixScorer computes the PMI prior only for prompts without a candidate list")
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        distinct = sorted(set(titles))
-        chunks = [distinct[i : i + max_rows] for i in range(0, len(distinct), max_rows)]
-        probe = Sample("<prior>", "", (), (), "", "", (), (), 0, 0)
+        pad_id, chunks, encode = _prior_chunks(tokenizer, prompt, titles, max_rows, "SharedPrefixScorer.priors")
         by_title: dict[str, dict[str, float]] = {n: {} for n in self.uppers}
         for idx in _batches(len(chunks), batch_size):
-            inputs = [encoder.encode_scoring(_no_history(probe, chunks[i])) for i in idx]
+            inputs = [encode(chunks[i]) for i in idx]
             low = self._lower(pad_id, inputs, max_rows)
             for name in self.uppers:
                 sums, _ = self._upper(name, low)
