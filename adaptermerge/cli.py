@@ -260,6 +260,12 @@ def _progress_bar(enabled: bool):
 
 
 # ------------------------------------------------------------------------------------------------ merge
+# Options that several commands share, with one help text.
+BASE_MODEL = typer.Option(None, "--base", help="Base model (safetensors file, index, or model/pipeline folder): module names for kohya files, head counts for GGUF.")
+GGUF_ARCH = typer.Option(None, "--gguf-arch", help="general.architecture of a GGUF output (default: the input's, else llama).")
+FORCE = typer.Option(False, "--force", "-f", help="Replace an existing output.")
+
+
 @app.command()
 def merge(
     inputs: Optional[list[str]] = typer.Argument(None, help="Adapters to merge: PEFT adapter directories or .safetensors files.", show_default=False),
@@ -289,13 +295,13 @@ def merge(
         help="Non-LoRA tensors (modules_to_save, ...): identical (default: copy only if identical in all inputs, else error) or first (copy from the first input)."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge inputs that contain NaN/Inf instead of refusing them."),
     allow_disjoint: bool = typer.Option(False, "--allow-disjoint", help="Accept an input that shares no module with the others (refused by default: usually adapters of different models)."),
-    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing output."),
+    force: bool = FORCE,
     to: Optional[str] = typer.Option(None, "--to", help="Output format: peft, kohya, diffusers or gguf (default: from the output name; a .safetensors output of kohya/diffusers inputs keeps their format)."),
     for_: Optional[str] = typer.Option(None, "--for", help="Export profile: vllm (PEFT, one rank from vLLM's accepted set, scale folded) or llama.cpp (GGUF)."),
     in_format: Optional[str] = typer.Option(None, "--format", help="Force the input format (peft, kohya, lycoris, diffusers, gguf) instead of detecting it."),
-    base_model: Optional[Path] = typer.Option(None, "--base", help="Base model (safetensors file, index, or model/pipeline folder): module names for kohya inputs, head counts for GGUF."),
+    base_model: Optional[Path] = BASE_MODEL,
     ignore_unknown: bool = typer.Option(False, "--ignore-unknown", help="Load inputs with unrecognised keys (they are listed) instead of refusing them."),
-    gguf_arch: Optional[str] = typer.Option(None, "--gguf-arch", help="general.architecture of a GGUF output (default: the input's, else llama)."),
+    gguf_arch: Optional[str] = GGUF_ARCH,
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML/TOML/JSON file with the same options (inputs with per-input weight/density/alpha, method, params, ...). Command-line options override it."),
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary table."),
@@ -413,7 +419,7 @@ def inspect(
     path: Path = typer.Argument(..., help="A LoRA: PEFT adapter directory, or a PEFT/kohya/LyCORIS/diffusers .safetensors or GGUF file."),
     alpha: Optional[float] = typer.Option(None, help="lora_alpha for a bare .safetensors file without it in its metadata."),
     in_format: Optional[str] = typer.Option(None, "--format", help="Force the format (peft, kohya, lycoris, diffusers, gguf) instead of detecting it."),
-    base_model: Optional[Path] = typer.Option(None, "--base", help="Base model (safetensors file, index, or model/pipeline folder): module names for kohya files, head counts for GGUF."),
+    base_model: Optional[Path] = BASE_MODEL,
     ignore_unknown: bool = typer.Option(False, "--ignore-unknown", help="Open a file with unrecognised keys (they are listed) instead of refusing it."),
     json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON on stdout."),
 ) -> None:
@@ -487,12 +493,12 @@ def convert(
     to: Optional[str] = typer.Option(None, "--to", help="peft, kohya, diffusers or gguf (default: from the output name)."),
     for_: Optional[str] = typer.Option(None, "--for", help="Export profile: vllm or llama.cpp."),
     in_format: Optional[str] = typer.Option(None, "--format", help="Force the input format instead of detecting it."),
-    base_model: Optional[Path] = typer.Option(None, "--base", help="Base model (safetensors file, index, or model/pipeline folder): module names for kohya files, head counts for GGUF."),
+    base_model: Optional[Path] = BASE_MODEL,
     ignore_unknown: bool = typer.Option(False, "--ignore-unknown", help="Convert a file with unrecognised keys (they are listed and dropped) instead of refusing it."),
-    gguf_arch: Optional[str] = typer.Option(None, "--gguf-arch", help="general.architecture of a GGUF output (default: the input's, else llama)."),
+    gguf_arch: Optional[str] = GGUF_ARCH,
     dtype: Optional[str] = typer.Option(None, help="Output dtype: float32, bfloat16 or float16 (default: the input's)."),
     alpha: Optional[float] = typer.Option(None, help="lora_alpha for a bare PEFT .safetensors input without it in its metadata."),
-    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing output."),
+    force: bool = FORCE,
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable report on stdout."),
 ) -> None:
     """Convert a LoRA between formats; the written file applies exactly the same delta (scale folded into the factors).

@@ -370,18 +370,15 @@ def check_preview(spec: Preview | Mapping[str, Any], n_inputs: int, seed: int) -
     return p
 
 
-def _prepare_preview(
-    spec: Preview | Mapping[str, Any] | None, adapters: Sequence[Adapter], seed: int
-) -> tuple[Preview | None, "MergePlan | None"]:
-    """Validate a preview (before any tensor is read) and plan it with the merge engine."""
-    if spec is None:
-        return None, None
+def _prepare_preview(p: Preview | None, adapters: Sequence[Adapter], seed: int) -> "MergePlan | None":
+    """Plan a preview already validated by :func:`check_preview` with the merge engine."""
+    if p is None:
+        return None
     from .engine import MergeRequest, plan
 
-    p = check_preview(spec, len(adapters), seed)
     req = MergeRequest.build(p.method, len(adapters), p.weights, dict(p.params), rank=p.rank, seed=seed,
                              extra_tensors="first", allow_disjoint=True)
-    return p, plan(list(adapters), req)
+    return plan(list(adapters), req)
 
 
 def _preview_names(names: list[str], limit: int | None, seed: int) -> list[str]:
@@ -703,8 +700,7 @@ def analyze(
     undefined (a cosine with a zero delta, a pair where one input lacks the module) are None.
     """
     check_options(len(adapters), top_k_fraction, samples, seed, subspace_k)
-    if preview is not None:
-        check_preview(preview, len(adapters), seed)  # before any file is opened
+    spec = check_preview(preview, len(adapters), seed) if preview is not None else None  # before any file is opened
     t0 = time.perf_counter()
     ads = _as_adapters(adapters)
     n = len(ads)
@@ -712,7 +708,7 @@ def analyze(
     if n >= 2 and not any(len(m.present) >= 2 for m in mods):
         raise IncompatibleInputsError("the inputs have no module in common, so there is nothing to compare "
                                       "(adapters for different models or target modules?)")
-    spec, mp = _prepare_preview(preview, ads, seed)
+    mp = _prepare_preview(spec, ads, seed)
     preview_set = set(_preview_names([m.name for m in mods], spec.modules, seed)) if spec is not None else set()
     plans = {p.name: p for p in mp.modules} if mp is not None else {}
     labels = labels_for(n)

@@ -17,6 +17,7 @@ trained on other samples or settings). Merging uses only ``adaptermerge``'s publ
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -336,11 +337,25 @@ def merge(cfg: RunConfig, *, log: Log = print, prep: Prepared | None = None) -> 
 
 
 # ------------------------------------------------------------------------------------------------------------ evaluate
+def _adapter_sha(adapter: Path | None) -> str:
+    """The adapter's content hash ("base" for no adapter, "" while it does not exist); hashed once per file version."""
+    if adapter is None:
+        return "base"
+    f = Path(adapter) / "adapter_model.safetensors"
+    if not f.exists():
+        return ""
+    st = f.stat()
+    return _sha_memo(str(f.resolve()), st.st_mtime_ns, st.st_size, str(adapter))
+
+
+@functools.lru_cache(maxsize=64)
+def _sha_memo(_file: str, _mtime_ns: int, _size: int, adapter: str) -> str:
+    return am.load_adapter(adapter).sha256()
+
+
 def _row_fingerprint(cfg: RunConfig, row: dict) -> str:
     adapter = row.get("adapter")
-    sha = ""
-    if adapter is not None and (Path(adapter) / "adapter_model.safetensors").exists():
-        sha = am.load_adapter(adapter).sha256()
+    sha = "" if adapter is None else _adapter_sha(adapter)
     return json.dumps({"eval": cfg.fingerprint("eval", "data", "seed", "model"), "adapter": sha, "kind": row["kind"]}, sort_keys=True)
 
 
@@ -495,7 +510,7 @@ def _score_shared(cfg: RunConfig, adapters: dict[str, Path | None], sets: dict[s
     out: dict[str, dict] = {name: {} for name in adapters}
     # What the scores depend on, besides the samples: the models, the prompt and the batching (padding changes the
     # float rounding). Blocks of users are checkpointed under eval/partial/, so an interrupted pass resumes.
-    common = {"models": {n: "base" if a is None else am.load_adapter(a).sha256() for n, a in adapters.items()},
+    common = {"models": {n: _adapter_sha(a) for n, a in adapters.items()},
               "model": cfg.fingerprint("model"), "prompt": dataclasses.asdict(prompt), "max_len": max_len,
               "batch_size": cfg.eval.batch_size, "max_rows": cfg.eval.max_rows, "first_layer": scorer.first_layer}
     kw = {"prompt": prompt, "batch_size": cfg.eval.batch_size, "max_rows": cfg.eval.max_rows}

@@ -239,15 +239,14 @@ def _with_prior(model, encoder: PromptEncoder, pad_id: int, samples: Sequence[Sa
                 results: list[CandidateScores], batch_size: int, max_rows: int) -> list[CandidateScores]:
     from dataclasses import replace
 
-    if encoder.cfg.include_candidates:  # the prompt lists the candidates: one no-history prompt per sample
-        priors = []
-        for idx in _batches(len(samples), batch_size):
-            inputs = [encoder.encode_scoring(_no_history(samples[i])) for i in idx]
-            priors.extend(sums for sums, _ in _score_batch(model, pad_id, inputs, max_rows))
-    else:  # one prompt for everyone: score each distinct title once
+    if not encoder.cfg.include_candidates:  # one prompt for everyone: score each distinct title once
         by_title = no_history_priors(model, encoder.tokenizer, [t for s in samples for t in s.candidate_titles],
                                      prompt=encoder.cfg, batch_size=batch_size, max_rows=max_rows)
-        priors = [np.array([by_title[t] for t in s.candidate_titles], dtype=np.float64) for s in samples]
+        return with_priors(results, samples, by_title)
+    priors = []  # the prompt lists the candidates: one no-history prompt per sample
+    for idx in _batches(len(samples), batch_size):
+        inputs = [encoder.encode_scoring(_no_history(samples[i])) for i in idx]
+        priors.extend(sums for sums, _ in _score_batch(model, pad_id, inputs, max_rows))
     return [replace(r, prior_sum=p) for r, p in zip(results, priors)]
 
 
