@@ -86,7 +86,25 @@ def test_report_has_every_row(finished_run):
             assert 0.0 <= s["low"] <= s["mean"] <= s["high"] <= 1.0, (m, s)
             assert s["n"] == 10
     assert "WeaveRec - Target-only LoRA" in data["paired_differences"]
+    # every LLM row against both popularity baselines, per protocol: the mean paired difference of the per-user NDCG@10
+    evals = {}
+    for f in (cfg.run_dir / "eval").glob("*.json"):
+        r = json.loads(f.read_text())
+        evals[r["name"]] = r
+    llm_rows = {n for n, r in evals.items() if r["kind"] == "llm"}
+    for p in ("uniform", "hard"):
+        vs = data["by_protocol"][p]["vs_popularity"]
+        assert set(vs) == llm_rows
+        for n, d in vs.items():
+            assert set(d) == {"Popularity (non-LLM)", "Popularity (LLM's training samples)"}
+            for b, diff in d.items():
+                a_u = np.array(evals[n]["protocols"][p]["per_user"]["NDCG@10"])
+                b_u = np.array(evals[b]["protocols"][p]["per_user"]["NDCG@10"])
+                assert diff["metric"] == "NDCG@10" and abs(diff["mean"] - float(np.mean(a_u - b_u))) < 1e-12
+                assert diff["low"] <= diff["mean"] <= diff["high"]
     md = (rdir / "report.md").read_text()
+    assert "LLM rows minus the popularity baselines, hard negatives" in md
+    assert "* Against Popularity (non-LLM) under hard negatives:" in md
     assert "| WeaveRec |" in md and "Cold start" in md and "Inference cost" in md and "popularity-matched" in md
     assert "Corrupted source(s) music" in md and "Score reduction" in md and "Merge weights" in md
     assert "## Reading" in md and "![NDCG@10 by model](report.png)" in md

@@ -72,7 +72,8 @@ def write_report(cfg: RunConfig, prep: Prepared, results: Mapping[str, dict], tr
         summ = {n: {k: st.as_dict() for k, st in M.summarize({k: v for k, v in pu.items() if k in metric_names},
                                                                 n_boot=cfg.eval.n_boot, seed=cfg.seed).items()}
                 for n, pu in pus.items()}
-        by_protocol[p] = {"rows": summ, "paired_differences": _paired(cfg, pus, metric_names)}
+        by_protocol[p] = {"rows": summ, "paired_differences": _paired(cfg, pus, metric_names),
+                          "vs_popularity": _vs_popularity(cfg, pus, {n: results[n].get("kind", "llm") for n in pus})}
     summaries = by_protocol[protocols[0]]["rows"]
     diffs = by_protocol[protocols[0]]["paired_differences"]
     key_metric = "NDCG@10" if "NDCG@10" in metric_names else "NDCG@5"
@@ -209,6 +210,26 @@ def _doc_link(results_doc: str) -> str:
     return f"{results_doc} in the adaptermerge source tree"
 
 
+#: Baselines that every LLM row is compared with, paired, under every candidate protocol.
+POPULARITY_KINDS = ("popularity", "popularity-llm")
+
+
+def _vs_popularity(cfg: RunConfig, pus: Mapping[str, dict], kinds: Mapping[str, str]) -> dict[str, dict]:
+    """NDCG@10 (else NDCG@5) of every LLM row minus each popularity baseline's, paired over the same users:
+    ``{llm row: {baseline: Difference dict}}``. Under popularity-matched negatives this is the test of whether the
+    LLM ranks by more than popularity."""
+    from . import metrics as M
+
+    pops = [n for n in pus if kinds.get(n) in POPULARITY_KINDS]
+    out: dict[str, dict] = {}
+    for n in (n for n in pus if kinds.get(n) == "llm"):
+        for b in pops:
+            key = "NDCG@10" if "NDCG@10" in pus[n] and "NDCG@10" in pus[b] else "NDCG@5"
+            d = M.paired_difference(pus[n][key], pus[b][key], n_boot=cfg.eval.n_boot, seed=cfg.seed)
+            out.setdefault(n, {})[b] = {"metric": key, **d.as_dict()}
+    return out
+
+
 def _reading(report: dict, key_metric: str, results_doc: str) -> list[str]:
     """A few generated sentences: what the numbers of this run can and cannot support (under every candidate
     protocol the run reports)."""
@@ -252,6 +273,13 @@ def _reading(report: dict, key_metric: str, results_doc: str) -> list[str]:
         if anchors and llm:
             best_llm = max(llm, key=lambda k: rows[k][key_metric]["mean"])
             best_anchor = max(anchors, key=lambda k: rows[k][key_metric]["mean"])
+            vs = section.get("vs_popularity") or {}
+            pops = list(dict.fromkeys(b for d in vs.values() for b in d))
+            for b in pops:
+                above = [n for n in llm if b in vs.get(n, {}) and vs[n][b]["low"] > 0]
+                below = [n for n in llm if b in vs.get(n, {}) and vs[n][b]["high"] < 0]
+                out.append(f"* Against {b}{where}: {len(above)} of {len(llm)} LLM rows are above it and {len(below)} "
+                           "below it by a paired 95% interval that excludes 0 (the rest are not told apart).")
             if rows[best_anchor][key_metric]["mean"] > rows[best_llm][key_metric]["mean"]:
                 out.append(f"* The best non-LLM baseline{where} ({best_anchor}, {rows[best_anchor][key_metric]['mean']:.3f}) "
                            f"is above every LLM row (best: {best_llm}, {rows[best_llm][key_metric]['mean']:.3f}): the "
@@ -286,6 +314,16 @@ def _markdown(report: dict, metric_names: list[str], key_metric: str, *, chart: 
                     "| comparison | " + " | ".join(metric_names) + " |", "|---|" + "---|" * len(metric_names)]
             for name, d in section["paired_differences"].items():
                 out.append(f"| {name} | " + " | ".join(f"{d[m]['mean']:+.4f} [{d[m]['low']:+.3f}, {d[m]['high']:+.3f}] p={d[m]['p_value']:.3f}" for m in metric_names) + " |")
+            out.append("")
+        vs = section.get("vs_popularity") or {}
+        pops = list(dict.fromkeys(b for d in vs.values() for b in d))
+        if pops:
+            out += [f"LLM rows minus the popularity baselines, {p} negatives (same users, paired bootstrap):", "",
+                    "| LLM row | " + " | ".join(f"- {b}" for b in pops) + " |", "|---|" + "---|" * len(pops)]
+            for n, d in vs.items():
+                out.append(f"| {n} | " + " | ".join(
+                    "-" if b not in d else f"{d[b]['mean']:+.4f} [{d[b]['low']:+.3f}, {d[b]['high']:+.3f}] p={d[b]['p_value']:.3f} ({d[b]['metric']})"
+                    for b in pops) + " |")
             out.append("")
     red = {n: r for n, r in (report.get("reductions") or {}).items() if r}
     if red:
