@@ -29,6 +29,20 @@ PICK = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "down_bloc
         "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj", "mid_block.resnets.0.time_emb_proj"]
 
 
+def _dense_reference(unet, a, g):
+    """Inputs drawn from ``g`` and the UNet's output with every delta of ``a`` added to its weights (independent of
+    any loader), plus the base output."""
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    tt, enc = torch.tensor([10]), torch.randn(1, 5, 32, generator=g)
+    want_model = copy.deepcopy(unet)
+    named = dict(want_model.named_modules())
+    with torch.no_grad():
+        for name in a.modules:
+            w = named[name.split(".", 1)[1]].weight
+            w += a.delta(name).reshape(w.shape)
+        return x, tt, enc, want_model(x, tt, enc).sample, unet(x, tt, enc).sample
+
+
 @pytest.mark.parametrize("all_alpha", [True, False])
 def test_diffusers_applies_kohya_input_and_our_outputs_as_our_delta(tmp_path, all_alpha):
     """With an alpha on every module diffusers applies the kohya file itself as we read it. With alpha on only some
@@ -54,15 +68,7 @@ def test_diffusers_applies_kohya_input_and_our_outputs_as_our_delta(tmp_path, al
     F.save(a, tmp_path / "out_kohya.safetensors", to="kohya")
     F.save(a, tmp_path / "out_diffusers.safetensors", to="diffusers")
 
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    tt, enc = torch.tensor([10]), torch.randn(1, 5, 32, generator=g)
-    want_model = copy.deepcopy(unet)
-    named = dict(want_model.named_modules())
-    with torch.no_grad():
-        for name in a.modules:
-            w = named[name.split(".", 1)[1]].weight
-            w += a.delta(name).reshape(w.shape)
-        want, base = want_model(x, tt, enc).sample, unet(x, tt, enc).sample
+    x, tt, enc, want, base = _dense_reference(unet, a, g)
     for f in [src] * all_alpha + [tmp_path / "out_kohya.safetensors", tmp_path / "out_diffusers.safetensors"]:
         model = copy.deepcopy(unet)
         sd, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(f))
@@ -188,15 +194,7 @@ def test_peft_loads_our_peft_output_of_a_kohya_unet_lora(tmp_path):
     save_file(t, str(tmp_path / "k.safetensors"))
     a = F.load(tmp_path / "k.safetensors")
     F.save(a, tmp_path / "p", to="peft")
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    tt, enc = torch.tensor([10]), torch.randn(1, 5, 32, generator=g)
-    want_model = copy.deepcopy(unet)
-    named = dict(want_model.named_modules())
-    with torch.no_grad():
-        for name in a.modules:
-            w = named[name.split(".", 1)[1]].weight
-            w += a.delta(name).reshape(w.shape)
-        want, base = want_model(x, tt, enc).sample, unet(x, tt, enc).sample
+    x, tt, enc, want, base = _dense_reference(unet, a, g)
     model = peft.PeftModel.from_pretrained(copy.deepcopy(unet), str(tmp_path / "p")).eval()
     with torch.no_grad():
         got = model(x, tt, enc).sample
@@ -238,15 +236,7 @@ def test_ldm_named_kohya_lora_matches_diffusers(tmp_path):
     t = {k: v for k, v in t.items() if not k.startswith("lora_unet_output_blocks_2_1_conv.")}
     save_file(t, str(tmp_path / "ldm.safetensors"))
     a = F.load(tmp_path / "ldm.safetensors")
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    tt, enc = torch.tensor([10]), torch.randn(1, 5, 32, generator=g)
-    want_model = copy.deepcopy(unet)
-    named = dict(want_model.named_modules())
-    with torch.no_grad():
-        for name in a.modules:
-            w = named[name.split(".", 1)[1]].weight
-            w += a.delta(name).reshape(w.shape)
-        want, base = want_model(x, tt, enc).sample, unet(x, tt, enc).sample
+    x, tt, enc, want, base = _dense_reference(unet, a, g)
     model = copy.deepcopy(unet)
     sd, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(tmp_path / "ldm.safetensors"), unet_config=unet.config)
     StableDiffusionLoraLoaderMixin.load_lora_into_unet(sd, alphas, unet=model, adapter_name="x")
