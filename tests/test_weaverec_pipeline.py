@@ -278,6 +278,7 @@ def test_shared_lower_layers_and_prefix_cache_give_the_same_run(tmp_path):
     shared = {p.name: json.loads(p.read_text()) for p in (cfg.run_dir / "eval").glob("*.json")}
     tuned_shared = json.loads((cfg.run_dir / "merged" / "tuned" / "merge_summary.json").read_text())["tuning"]
     _check_partial_checkpoints(cfg, shared)
+    _check_compute_accounting(cfg, shared, tuned_shared)
     plain_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, shared_layers=False))
     logs = []
     run(plain_cfg, log=logs.append, progress=False)
@@ -299,6 +300,25 @@ def test_shared_lower_layers_and_prefix_cache_give_the_same_run(tmp_path):
     assert llm == 5  # base, target-only, data merging (= the hybrid), WeaveRec, tuned
     log = json.loads((cfg.run_dir / "modules" / "target" / "train_log.json").read_text())
     assert log["prefix_cached_below_layer"] == 1
+
+
+def _check_compute_accounting(cfg, shared, tuning):
+    """The report's compute time counts the shared scoring pass once (every LLM row records the same pass and how
+    many rows shared it), the lower-layer states of training and the weight tuning."""
+    llm = [a for a in shared.values() if a["kind"] == "llm"]
+    passes = {json.dumps(a["shared_pass"], sort_keys=True) for a in llm}
+    assert len(passes) == 1
+    one = llm[0]["shared_pass"]
+    assert one["rows"] == len(llm) and one["seconds"] > 0
+    logs = [json.loads(f.read_text()) for f in (cfg.run_dir / "modules").glob("*/train_log.json")]
+    assert all(lg["prefix_seconds"] >= 0 for lg in logs)
+    assert json.loads((cfg.run_dir / "modules" / "target" / "train_log.json").read_text())["prefix_seconds"] > 0
+    stages = json.loads((cfg.run_dir / "report" / "report.json").read_text())["compute_seconds_by_stage"]
+    assert stages["training"] == pytest.approx(sum(lg["seconds"] + lg["prefix_seconds"] for lg in logs), abs=0.2)
+    assert stages["tuning"] == pytest.approx(tuning["seconds"], abs=0.1) and tuning["seconds"] > 0
+    assert stages["evaluation"] == pytest.approx(sum(a["seconds"] for a in shared.values()) + one["seconds"], abs=0.2)
+    md = (cfg.run_dir / "report" / "report.md").read_text()
+    assert "seconds (lower-layer states)" in md and "Compute time recorded for training, weight tuning and evaluation" in md
 
 
 def _check_partial_checkpoints(cfg, shared):

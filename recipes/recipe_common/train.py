@@ -459,9 +459,11 @@ def train_lora_encoded(
     first_layer = min(cfg.layers) if cache_prefix and cfg.layers else 0
     if cache_prefix and cfg.gradient_checkpointing:
         raise ParameterError("cache_prefix and gradient_checkpointing cannot be combined")
+    t_prefix = time.perf_counter()
     states = prefix_states(model, encoded, first_layer, tokenizer.pad_token_id, memo=prefix_memo) if first_layer else None
-    if first_layer:
-        log_fields = {**log_fields, "prefix_cached_below_layer": first_layer}
+    if first_layer:  # prefix_seconds: computing the states this module did not find in the memo (not in "seconds")
+        log_fields = {**log_fields, "prefix_cached_below_layer": first_layer,
+                      "prefix_seconds": round(time.perf_counter() - t_prefix, 3)}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     world, rank = accelerator.num_processes, accelerator.process_index

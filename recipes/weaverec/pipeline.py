@@ -295,6 +295,7 @@ def tune_weights(spec: MergeSpec, cfg: RunConfig, prep: Prepared, adapters, rank
     cached = _read_json(tdir / "grid.json")
     if cached and cached.get("fingerprint") == fp:
         return {k: v for k, v in cached.items() if k != "fingerprint"}
+    t0 = time.perf_counter()
     grid = simplex_grid(len(adapters), cfg.eval.tune_step)
     points = []
     shared = {}
@@ -320,7 +321,8 @@ def tune_weights(spec: MergeSpec, cfg: RunConfig, prep: Prepared, adapters, rank
         log(f"merge: {spec.name}: weights {[round(x, 3) for x in w]}: validation NDCG@10 "
             + ", ".join(f"{r} {v:.4f}" for r, v in nd.items()))
     best = max(range(len(points)), key=lambda i: (max(points[i]["valid_ndcg10"].values()), -i))
-    res = {"weights": points[best]["weights"], "grid": points, "valid_users": len(valid), "step": cfg.eval.tune_step}
+    res = {"weights": points[best]["weights"], "grid": points, "valid_users": len(valid), "step": cfg.eval.tune_step,
+           "seconds": round(time.perf_counter() - t0, 2)}
     _write_json(tdir / "grid.json", {"fingerprint": fp, **res})
     return res
 
@@ -384,8 +386,11 @@ def evaluate(cfg: RunConfig, prep: Prepared, *, log: Log = print, progress: bool
         t0 = time.perf_counter()
         shared = _score_shared(cfg, {r["name"]: r["adapter"] for r in stale}, sets_all, progress=progress, latency=True,
                                log=log)
+        dt = time.perf_counter() - t0
+        for _, extra in shared.values():  # the pass's time, recorded once per row with the number of rows sharing it
+            extra["shared_pass"] = {"seconds": round(dt, 2), "rows": len(stale)}
         log(f"evaluate: {len(stale)} LLM rows scored together (layers below {_shared_first_layer(cfg)} shared) "
-            f"in {time.perf_counter() - t0:.0f} s")
+            f"in {dt:.0f} s")
     for row in todo:
         path = edir / f"{row['key']}.json"
         fp = fps[row["key"]]

@@ -14,12 +14,12 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from .config import RunConfig
-from .layout import Prepared, _slug, _write_json, eval_rows
+from .layout import Prepared, _read_json, _slug, _write_json, eval_rows
 
 METRICS_LIKELIHOOD = ["HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR"]
 METRICS_GENERATE = ["NDCG@1", "NDCG@3", "NDCG@5", "MRR@5"]
@@ -91,10 +91,10 @@ def write_report(cfg: RunConfig, prep: Prepared, results: Mapping[str, dict], tr
     training = {}
     for mod in sorted((cfg.run_dir / "modules").glob("*/train_log.json")):
         lg = json.loads(mod.read_text())
-        training[mod.parent.name] = {k: lg.get(k) for k in ("steps", "seconds", "samples_per_second", "n_samples")}
+        training[mod.parent.name] = {k: lg.get(k) for k in ("steps", "seconds", "prefix_seconds", "samples_per_second", "n_samples")}
         training[mod.parent.name]["final_loss"] = (lg.get("losses") or [None])[-1]
     diag = _module_diagnostics(cfg) if cfg.eval.diagnostics else None
-    compute_seconds = sum(v["seconds"] or 0 for v in training.values()) + sum(results[n].get("seconds", 0) for n in names)
+    compute = _compute_seconds(cfg, training, [results[n] for n in names])
     report = {
         "config": cfg.name,
         "config_path": cfg.source_path,
@@ -117,7 +117,8 @@ def write_report(cfg: RunConfig, prep: Prepared, results: Mapping[str, dict], tr
         "inference_cost": cost,
         "training": training,
         "module_cosine": diag,
-        "compute_seconds": round(compute_seconds, 1),
+        "compute_seconds": round(sum(compute.values()), 1),
+        "compute_seconds_by_stage": compute,
         "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "load_average": _load_average()},
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -128,6 +129,19 @@ def write_report(cfg: RunConfig, prep: Prepared, results: Mapping[str, dict], tr
     log(f"report: {rdir / 'report.md'}")
     log("\n" + _table(report, metric_names))
     return report
+
+
+def _compute_seconds(cfg: RunConfig, training: Mapping[str, dict], results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Recorded seconds by stage: training (optimizer loop + lower-layer states), weight tuning, evaluation (each row's
+    own time, plus each shared scoring pass once: a row scored in a pass of ``rows`` rows carries 1/rows of it)."""
+    train = sum((t.get("seconds") or 0) + (t.get("prefix_seconds") or 0) for t in training.values())
+    tuning = 0.0
+    for m in cfg.merges:
+        summ = _read_json(cfg.run_dir / "merged" / _slug(m.name) / "merge_summary.json") or {}
+        tuning += float((summ.get("tuning") or {}).get("seconds") or 0)
+    scoring = sum(float(r.get("seconds", 0)) + float((r.get("shared_pass") or {}).get("seconds", 0))
+                  / max(1, int((r.get("shared_pass") or {}).get("rows", 1))) for r in results)
+    return {"training": round(train, 1), "tuning": round(tuning, 1), "evaluation": round(scoring, 1)}
 
 
 def _per_user(res: Mapping[str, Any], protocol: str, first: str) -> dict | None:
@@ -375,16 +389,24 @@ def _markdown(report: dict, metric_names: list[str], key_metric: str, *, chart: 
             out.append(f"| {name} | " + " | ".join(f(x) for x in row) + " |")
         out.append("")
     if report["training"]:
-        out += ["## Training", "", "| module | samples | steps | final loss | seconds |", "|---|---|---|---|---|"]
+        out += ["## Training", "", "| module | samples | steps | final loss | seconds (steps) | seconds (lower-layer states) |",
+                "|---|---|---|---|---|---|"]
         for n, t in report["training"].items():
             fl = t.get("final_loss")
-            out.append(f"| {n} | {t.get('n_samples')} | {t.get('steps')} | {fl if fl is None else f'{fl:.3f}'} | {t.get('seconds') or 0:.0f} |")
-        out.append("")
+            pre = "-" if t.get("prefix_seconds") is None else f"{t['prefix_seconds']:.0f}"
+            out.append(f"| {n} | {t.get('n_samples')} | {t.get('steps')} | {fl if fl is None else f'{fl:.3f}'} | "
+                       f"{t.get('seconds') or 0:.0f} | {pre} |")
+        out += ["", "Lower-layer states: the frozen layers below the adapted ones, computed once per sample and shared by "
+                "the modules of the run (a module lists only the states it computed first).", ""]
     load = (report.get("machine") or {}).get("load_average")
     where = (f" The machine's load average was {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min, "
              f"{report['machine'].get('cpus')} CPUs) when the report was written: the times above grow with it."
              if load else "")
-    out.append(f"Compute time recorded for training and evaluation: {report['compute_seconds']:.0f} s.{where}")
+    stages = report.get("compute_seconds_by_stage") or {}
+    parts = f" ({', '.join(f'{k} {v:.0f} s' for k, v in stages.items())})" if stages else ""
+    out.append(f"Compute time recorded for training, weight tuning and evaluation: {report['compute_seconds']:.0f} s"
+               f"{parts}; data preparation, merging and writing this report are not "
+               f"counted.{where}")
     return "\n".join(out) + "\n"
 
 
