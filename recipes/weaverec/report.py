@@ -396,8 +396,10 @@ def _markdown(report: dict, metric_names: list[str], key_metric: str, *, chart: 
             pre = "-" if t.get("prefix_seconds") is None else f"{t['prefix_seconds']:.0f}"
             out.append(f"| {n} | {t.get('n_samples')} | {t.get('steps')} | {fl if fl is None else f'{fl:.3f}'} | "
                        f"{t.get('seconds') or 0:.0f} | {pre} |")
-        out += ["", "Lower-layer states: the frozen layers below the adapted ones, computed once per sample and shared by "
-                "the modules of the run (a module lists only the states it computed first).", ""]
+        out.append("")
+        if any(t.get("prefix_seconds") is not None for t in report["training"].values()):
+            out += ["Lower-layer states: the frozen layers below the adapted ones, computed once per sample and shared "
+                    "by the modules of the run (a module lists only the states it computed first).", ""]
     load = (report.get("machine") or {}).get("load_average")
     where = (f" The machine's load average was {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min, "
              f"{report['machine'].get('cpus')} CPUs) when the report was written: the times above grow with it."
