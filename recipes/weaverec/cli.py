@@ -7,7 +7,6 @@ torch/transformers when they run.
 from __future__ import annotations
 
 import dataclasses
-
 from pathlib import Path
 from typing import Optional
 

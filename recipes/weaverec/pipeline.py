@@ -357,7 +357,7 @@ def _sha_memo(_file: str, _mtime_ns: int, _size: int, adapter: str) -> str:
 
 def _row_fingerprint(cfg: RunConfig, row: dict) -> str:
     adapter = row.get("adapter")
-    sha = "" if adapter is None else _adapter_sha(adapter)
+    sha = "" if adapter is None else _adapter_sha(adapter)  # "" (not "base"): the key existing eval results carry
     return json.dumps({"eval": cfg.fingerprint("eval", "data", "seed", "model"), "adapter": sha, "kind": row["kind"]}, sort_keys=True)
 
 
@@ -375,8 +375,13 @@ def evaluate(cfg: RunConfig, prep: Prepared, *, log: Log = print, progress: bool
     protocols = list(cfg.eval.protocols)
     todo = [r for r in eval_rows(cfg) if not only or r["key"] in only or r["name"] in only]
     fps = {r["key"]: _row_fingerprint(cfg, r) for r in todo}
+    fresh = {}  # results on disk whose fingerprint still matches: read once, reused below
+    for r in todo:
+        cached = _read_json(edir / f"{r['key']}.json")
+        if cached and cached.get("fingerprint") == fps[r["key"]]:
+            fresh[r["key"]] = cached
     shared: dict[str, tuple[dict, dict]] = {}
-    stale = [r for r in todo if r["kind"] == "llm" and (_read_json(edir / f"{r['key']}.json") or {}).get("fingerprint") != fps[r["key"]]]
+    stale = [r for r in todo if r["kind"] == "llm" and r["key"] not in fresh]
     if _shared_first_layer(cfg) is not None and len(stale) > 1:
         for r in stale:
             if r["adapter"] is not None and not (Path(r["adapter"]) / "adapter_model.safetensors").exists():
@@ -394,9 +399,8 @@ def evaluate(cfg: RunConfig, prep: Prepared, *, log: Log = print, progress: bool
     for row in todo:
         path = edir / f"{row['key']}.json"
         fp = fps[row["key"]]
-        cached = _read_json(path)
-        if cached and cached.get("fingerprint") == fp:
-            results[row["name"]] = cached
+        if row["key"] in fresh:
+            results[row["name"]] = fresh[row["key"]]
             log(f"evaluate: {row['name']}: reusing {path}")
             continue
         t0 = time.perf_counter()
